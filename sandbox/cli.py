@@ -1,0 +1,197 @@
+"""`python -m sandbox <command>`: the local platform's command line (dev only, never deployed)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sandbox.azurite import ROOT, Azurite, AzuriteError
+from sandbox.faults import FaultProfileError, load_profile
+from sandbox.host.errors import HostStartupError
+from sandbox.host.runtime import HostOptions, LocalHost, default_settings_file
+from sandbox.platform_demo import run_platform_demo
+
+cli = typer.Typer(
+    help="The local platform of billing-crm-sync: Azurite, the simulators and a local Functions host.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+FaultsOpt = Annotated[
+    str | None, typer.Option("--faults", help="Fault profile: none, realistic, hostile, or a JSON file.")
+]
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("azure", "uvicorn", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+@cli.command()
+def azurite(
+    location: Annotated[
+        Path | None,
+        typer.Option(help="Keep data in this folder (default: a temporary folder, removed on exit)."),
+    ] = None,
+    in_memory: Annotated[bool, typer.Option(help="--inMemoryPersistence (can stall; see docs).")] = False,
+) -> None:
+    """Azurite alone on free loopback ports; prints the connection string; Ctrl-C stops it."""
+    try:
+        with Azurite(location=location, in_memory=in_memory) as emulator:
+            ep = emulator.endpoints
+            typer.echo(f"blob:  http://{ep.host}:{ep.blob_port}")
+            typer.echo(f"queue: http://{ep.host}:{ep.queue_port}")
+            typer.echo(f"table: http://{ep.host}:{ep.table_port}")
+            typer.echo(f"AzureWebJobsStorage={emulator.connection_string}", err=False)
+            sys.stdout.flush()
+            _wait_for_signal()
+    except AzuriteError as exc:
+        raise _fail(str(exc)) from None
+
+
+async def _run_host(options: HostOptions) -> None:
+    loop = asyncio.get_running_loop()
+    host = LocalHost(options)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, host.request_stop)
+    async with host:
+        print(f"Local host listening on {host.http_url}", flush=True)
+        await host.wait_stopped()
+
+
+def _host_options(
+    app_dir: Path,
+    settings: Path | None,
+    port: int | None,
+    faults: str | None,
+    once: list[str] | None,
+    lease_seconds: float,
+    drain_seconds: float,
+) -> HostOptions:
+    try:
+        profile = load_profile(faults)
+    except FaultProfileError as exc:
+        raise _fail(str(exc)) from None
+    return HostOptions(
+        app_dir=app_dir,
+        settings_file=settings if settings is not None else default_settings_file(app_dir),
+        faults=profile,
+        http_port=port,
+        once=tuple(once or ()),
+        lease=timedelta(seconds=lease_seconds),
+        drain_timeout=timedelta(seconds=drain_seconds),
+    )
+
+
+AppDirOpt = Annotated[Path, typer.Option("--app-dir", help="The Functions app folder (holds host.json).")]
+SettingsOpt = Annotated[
+    Path | None,
+    typer.Option("--settings", help="Settings file (default: local.settings.json, else local.settings.sample.json)."),
+]
+PortOpt = Annotated[
+    int | None,
+    typer.Option("--port", help="HTTP port (default: Host.LocalHttpPort, else 7071; 0 = any free port)."),
+]
+OnceOpt = Annotated[list[str] | None, typer.Option("--once", help="Fire this timer function once at start-up.")]
+LeaseOpt = Annotated[
+    float, typer.Option("--lease-seconds", help="How long a message stays invisible while its function runs.")
+]
+DrainOpt = Annotated[
+    float,
+    typer.Option("--drain-seconds", help="On SIGINT/SIGTERM, how long in-flight invocations may finish."),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+@cli.command()
+def host(
+    app_dir: AppDirOpt = ROOT,
+    settings: SettingsOpt = None,
+    port: PortOpt = None,
+    faults: FaultsOpt = None,
+    once: OnceOpt = None,
+    lease_seconds: LeaseOpt = 600.0,
+    drain_seconds: DrainOpt = 30.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The local Functions host: runs the app in APP_DIR against the storage its settings name."""
+    _logging(verbose)
+    options = _host_options(app_dir, settings, port, faults, once, lease_seconds, drain_seconds)
+    try:
+        asyncio.run(_run_host(options))
+    except HostStartupError as exc:
+        raise _fail(str(exc)) from None
+
+
+@cli.command()
+def up(
+    app_dir: AppDirOpt = ROOT,
+    settings: SettingsOpt = None,
+    port: PortOpt = None,
+    faults: FaultsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Like `func start` plus the emulators: Azurite and the local host in the foreground until Ctrl-C."""
+    _logging(verbose)
+    options = _host_options(app_dir, settings, port, faults, None, 600.0, 30.0)
+    try:
+        with Azurite() as emulator:
+            print(f"Azurite: AzureWebJobsStorage={emulator.connection_string}", flush=True)
+            os.environ["AzureWebJobsStorage"] = emulator.connection_string  # noqa: SIM112 - the host's own name
+            asyncio.run(_run_host(options))
+    except AzuriteError as exc:
+        raise _fail(str(exc)) from None
+    except HostStartupError as exc:
+        raise _fail(str(exc)) from None
+
+
+@cli.command()
+def demo(
+    messages: Annotated[int, typer.Option(help="How many queue messages the demonstration sends.")] = 200,
+    faults: FaultsOpt = "realistic",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Demonstrates the local platform end to end (the full sync replaces this once the pipeline lands)."""
+    if not verbose:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        logging.getLogger("sandbox.host").setLevel(logging.CRITICAL)  # expected failures; the table tells
+    else:
+        _logging(verbose)
+    try:
+        profile = load_profile(faults)
+        ok = asyncio.run(run_platform_demo(messages=messages, profile=profile))
+    except (FaultProfileError, AzuriteError, HostStartupError) as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code=0 if ok else 1)
+
+
+def main() -> None:
+    cli(prog_name="python -m sandbox")
