@@ -124,3 +124,14 @@ def _to_spec(function: Any, script: Path) -> FunctionSpec:
         accepts_context=accepts_context,
         is_async=inspect.iscoroutinefunction(user_fn),
     )
+
+
+def unload_app(app_dir: Path) -> None:
+    """Undo what load_app did to the interpreter: the app folder on sys.path and the modules imported from it."""
+    app_dir = app_dir.resolve()
+    while str(app_dir) in sys.path:
+        sys.path.remove(str(app_dir))
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve().is_relative_to(app_dir):
+            del sys.modules[name]

@@ -25,7 +25,7 @@ from sandbox.host.config import HostConfig, Settings, load_host_json, load_local
 from sandbox.host.errors import HostStartupError
 from sandbox.host.http import HttpDispatcher, HttpRoute, Keys, build_route
 from sandbox.host.invoke import Invocation, Invoker
-from sandbox.host.loader import SCRIPT_FILE_SETTING, FunctionSpec, load_app
+from sandbox.host.loader import SCRIPT_FILE_SETTING, FunctionSpec, load_app, unload_app
 from sandbox.host.queues import QueueClients, QueueListener, encode, to_body
 from sandbox.host.timers import (
     ScheduleMonitor,
@@ -307,6 +307,7 @@ class LocalHost:
             self._invoker.shutdown()
         if self._env is not None:
             self._env.close()
+        unload_app(self.options.app_dir)
         log.info("Local host stopped")
 
     async def __aenter__(self) -> LocalHost:
