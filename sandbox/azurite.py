@@ -22,6 +22,7 @@ from sandbox.procutil import spawn, stop
 ACCOUNT = "devstoreaccount1"
 # The well-known development storage key, published in Microsoft's Azurite documentation. Not a secret.
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+DEFAULT_PORTS = (10000, 10001, 10002)  # what `UseDevelopmentStorage=true` points at
 _LISTENING = re.compile(r"Azurite (Blob|Queue|Table) service is successfully listening at http://[^:]+:(\d+)")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,7 @@ class Azurite:
     host: str = "127.0.0.1"
     location: Path | None = None
     in_memory: bool = False
+    ports: tuple[int, int, int] = (0, 0, 0)  # blob, queue, table; 0 = any free port
     start_timeout_s: float = 60.0
     _proc: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
     _tmpdir: Path | None = field(default=None, init=False, repr=False)
@@ -81,8 +83,8 @@ class Azurite:
     def start(self) -> Endpoints:
         binary = azurite_binary()
         argv = [str(binary)]
-        for svc in ("blob", "queue", "table"):
-            argv += [f"--{svc}Host", self.host, f"--{svc}Port", "0"]
+        for svc, port in zip(("blob", "queue", "table"), self.ports, strict=True):
+            argv += [f"--{svc}Host", self.host, f"--{svc}Port", str(port)]
         argv += ["--disableTelemetry", "--skipApiVersionCheck", "--silent"]
         if self.in_memory:
             argv.append("--inMemoryPersistence")

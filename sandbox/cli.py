@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from sandbox.azurite import ROOT, Azurite, AzuriteError
+from sandbox.azurite import DEFAULT_PORTS, ROOT, Azurite, AzuriteError
 from sandbox.faults import FaultProfileError, load_profile
 from sandbox.host.errors import HostStartupError
 from sandbox.host.runtime import HostOptions, LocalHost, default_settings_file
@@ -62,10 +62,14 @@ def azurite(
         typer.Option(help="Keep data in this folder (default: a temporary folder, removed on exit)."),
     ] = None,
     in_memory: Annotated[bool, typer.Option(help="--inMemoryPersistence (can stall; see docs).")] = False,
+    default_ports: Annotated[
+        bool, typer.Option(help="Use 10000-10002, so that `UseDevelopmentStorage=true` reaches it.")
+    ] = False,
 ) -> None:
     """Azurite alone on free loopback ports; prints the connection string; Ctrl-C stops it."""
+    ports = DEFAULT_PORTS if default_ports else (0, 0, 0)
     try:
-        with Azurite(location=location, in_memory=in_memory) as emulator:
+        with Azurite(location=location, in_memory=in_memory, ports=ports) as emulator:
             ep = emulator.endpoints
             typer.echo(f"blob:  http://{ep.host}:{ep.blob_port}")
             typer.echo(f"queue: http://{ep.host}:{ep.queue_port}")

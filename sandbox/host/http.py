@@ -62,6 +62,7 @@ def compile_route(template: str, *, where: str) -> re.Pattern[str]:
 @dataclass(frozen=True)
 class HttpRoute:
     spec: FunctionSpec
+    template: str
     pattern: re.Pattern[str]
     methods: frozenset[str] | None
     auth_level: str
@@ -77,7 +78,7 @@ def build_route(spec: FunctionSpec, prefix: str) -> HttpRoute:
         raise HostStartupError(f"{where}: authLevel {level!r} is not one of {', '.join(AUTH_LEVELS)}")
     methods = trigger.get("methods")
     allowed = frozenset(str(m).upper() for m in methods) if methods else None
-    return HttpRoute(spec, compile_route(full, where=where), allowed, level)
+    return HttpRoute(spec, full, compile_route(full, where=where), allowed, level)
 
 
 @dataclass(frozen=True)

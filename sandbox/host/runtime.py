@@ -280,7 +280,10 @@ class LocalHost:
         self.http_url = f"http://{bound_host}:{bound_port}"
         self._tasks.append(asyncio.create_task(self._server.serve(sockets=[sock]), name="http"))
         for route in self.routes:
-            log.info("  %s: %s/%s [%s]", route.spec.name, self.http_url, route.pattern.pattern, route.auth_level)
+            methods = ",".join(sorted(route.methods)) if route.methods else "any"
+            log.info(
+                "  %s: [%s] %s/%s (auth: %s)", route.spec.name, methods, self.http_url, route.template, route.auth_level
+            )
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -208,3 +208,13 @@ def test_queue_clients_send_raw_content(conn: str, queue_name: str) -> None:
 
 def test_records_helper_reads_nothing_from_a_missing_file(tmp_path: Path) -> None:
     assert read_records(tmp_path / "none.jsonl") == []
+
+
+async def test_lease_is_renewed_while_a_long_invocation_runs(make_app: AppFactory, conn: str, queue_name: str) -> None:
+    """A 2 s lease and a 4 s function: without renewal the message would reappear and run twice."""
+    app_dir, settings, records = make_app("asyncapp", queues=FAST, WORK_QUEUE=queue_name, SLEEP_S="4")
+    queue(conn, queue_name).send_message("long job")
+    async with running_host(app_dir, settings, lease_s=2) as host:
+        await eventually(lambda: host.queue_listeners[0].stats.succeeded == 1, what="the invocation")
+        await eventually(lambda: not raw_messages(conn, queue_name), what="the delete")
+    assert [r["dequeue_count"] for r in read_records(records) if r["event"] == "start"] == [1]

@@ -132,3 +132,16 @@ def test_help_documents_every_command() -> None:
     host_help = run_cli("host", "--help").stdout
     for option in ("--app-dir", "--settings", "--port", "--faults", "--once", "--lease-seconds", "--drain-seconds"):
         assert option in host_help
+
+
+def test_parameters_that_do_not_match_bindings_are_named(make_app: AppFactory) -> None:
+    app_dir, settings, _ = make_app("asyncapp", WORK_QUEUE="q-params")
+    (app_dir / "function_app.py").write_text(
+        "import azure.functions as func\napp = func.FunctionApp()\n"
+        "@app.queue_trigger(arg_name='msg', queue_name='q-params', connection='AzureWebJobsStorage')\n"
+        "def handler(message: func.QueueMessage) -> None: ...\n"
+    )
+    line = start_error(app_dir, settings)
+    assert "function 'handler'" in line
+    assert "bindings without a parameter: msg" in line
+    assert "parameters without a binding: message" in line
