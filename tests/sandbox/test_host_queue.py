@@ -109,7 +109,7 @@ async def test_concurrency_never_exceeds_batch_size_plus_new_batch_threshold(
         work.send_message(f"m{n}|{0.1 + (n * 7 % 11) / 20}")  # uneven durations, so slots free one by one
     async with running_host(app_dir, settings):
         await eventually(
-            lambda: sum(r["event"] == "end" for r in read_records(records)) == 24, timeout=60, what="24 invocations"
+            lambda: sum(r["event"] == "end" for r in read_records(records)) == 24, within=60, what="24 invocations"
         )
     running = peak = 0
     for r in sorted(read_records(records), key=lambda r: (r["t"], r["event"] == "start")):
