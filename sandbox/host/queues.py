@@ -37,6 +37,11 @@ MIN_POLL_S = 0.1
 MAX_RECEIVE = 32  # the queue service's limit per Get Messages call
 
 
+def next_poll_delay(previous: float, maximum: float, rng: random.Random) -> float:
+    """Randomized exponential back-off for an empty queue, as the host's RandomizedExponentialBackoffStrategy."""
+    return max(MIN_POLL_S, min(maximum, previous * 2 * rng.uniform(0.8, 1.2)))
+
+
 def encode(body: bytes, encoding: str) -> str:
     return base64.b64encode(body).decode("ascii") if encoding == "base64" else body.decode("utf-8")
 
@@ -157,8 +162,7 @@ class QueueListener:
             if messages:
                 delay = MIN_POLL_S
                 continue
-            # Randomized exponential back-off, as the host's RandomizedExponentialBackoffStrategy.
-            delay = min(max_delay, delay * 2 * self.rng.uniform(0.8, 1.2))
+            delay = next_poll_delay(delay, max_delay, self.rng)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
