@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -15,6 +16,7 @@ from typing import Annotated
 import typer
 
 from sandbox.azurite import DEFAULT_PORTS, ROOT, Azurite, AzuriteError
+from sandbox.billing_sim.run import billing_server
 from sandbox.faults import FaultProfileError, load_profile
 from sandbox.host.errors import HostStartupError
 from sandbox.host.runtime import HostOptions, LocalHost, default_settings_file
@@ -175,6 +177,55 @@ def up(
         raise _fail(str(exc)) from None
     except HostStartupError as exc:
         raise _fail(str(exc)) from None
+
+
+def _local_secret(name: str, env: str) -> str:
+    """A secret for a local simulator: from the environment, else generated and kept in .local/ (mode 0600)."""
+    value = os.environ.get(env)
+    if value:
+        return value
+    path = ROOT / ".local" / "secrets" / name
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    value = secrets.token_urlsafe(24)
+    path.write_text(value, encoding="utf-8")
+    return value
+
+
+@cli.command("billing-sim")
+def billing_sim(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = any free port).")] = 0,
+    records: Annotated[int, typer.Option(help="Invoices to generate; customers are a quarter of that.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the generated data.")] = 1,
+    faults: FaultsOpt = None,
+    db: Annotated[Path | None, typer.Option(help="Keep the data in this SQLite file (reused if it has data).")] = None,
+    webhook_url: Annotated[str | None, typer.Option(help="POST a signed event here on every change.")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The billing platform simulator alone. API key: $BILLING_API_KEY, else .local/secrets/billing-api-key."""
+    _logging(verbose)
+    try:
+        profile = load_profile(faults)
+    except FaultProfileError as exc:
+        raise _fail(str(exc)) from None
+    api_key = _local_secret("billing-api-key", "BILLING_API_KEY")
+    webhook_secret = _local_secret("billing-webhook-secret", "BILLING_WEBHOOK_SECRET")
+    with billing_server(
+        records=records,
+        seed=seed,
+        profile=profile,
+        api_key=api_key,
+        db=db,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        port=port,
+    ) as running:
+        print(f"Billing simulator listening on {running.url}", flush=True)
+        print(f"  OpenAPI: {running.url}/openapi.json; API key and webhook secret in {ROOT / '.local' / 'secrets'}")
+        print(f"  records: {running.store.table_counts()}", flush=True)
+        _wait_for_signal()
 
 
 @cli.command()

@@ -34,6 +34,7 @@ from sandbox.host.timers import (
     parse_schedule,
     utcnow,
 )
+from sandbox.servers import make_server
 
 log = logging.getLogger("sandbox.host")
 STORAGE_SETTING = "AzureWebJobsStorage"
@@ -274,8 +275,7 @@ class LocalHost:
             raise HostStartupError(f"HTTP port {self.options.http_host}:{port} is not free: {exc.strerror}") from None
         sock.listen(128)
         dispatcher = HttpDispatcher(self.routes, self.keys, self._invoker, self._admin)
-        config = uvicorn.Config(dispatcher, log_level="warning", access_log=False, lifespan="off")
-        self._server = _QuietServer(config)
+        self._server = make_server(dispatcher)  # the host owns SIGINT/SIGTERM and drains queues first
         bound_host, bound_port = sock.getsockname()[:2]
         self.http_url = f"http://{bound_host}:{bound_port}"
         self._tasks.append(asyncio.create_task(self._server.serve(sockets=[sock]), name="http"))
@@ -323,14 +323,6 @@ class LocalHost:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the host owns SIGINT/SIGTERM and drains queues first."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _host_id(app_dir: Path) -> str:

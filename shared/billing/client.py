@@ -1,0 +1,323 @@
+"""The billing API client: every changed record, exactly once, at its latest version.
+
+- listing: light pages through a paginator strategy, checked against the count endpoint;
+- fetching: bulk by up to 100 IDs, re-asking for IDs the platform left out, then confirming each still-missing
+  ID on its own, so "not found" is a fact and never a throttled answer taken at face value;
+- silent throttling (a 200 that cannot be right) is raised as SilentThrottleError and retried like a 429;
+- one client-side rate limiter paces every request below the platform's published limit;
+- an optional circuit breaker turns a run of failed operations into CircuitOpenError for the caller to defer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
+from urllib.parse import quote
+
+import httpx
+from aiolimiter import AsyncLimiter
+
+from shared.billing.models import Entity, Light, Record, parse_record
+from shared.billing.pagination import CursorPaginator, KeysetOverOffset, Page, Paginator, parse_page
+from shared.errors import (
+    ContractError,
+    InvalidRecord,
+    NotFoundError,
+    SilentThrottleError,
+    TransientError,
+)
+from shared.http import RetryPolicy, Sleep, call_with_retries, classify, transport_error
+
+log = logging.getLogger("shared.billing")
+SYSTEM = "billing"
+MAX_BULK = 100
+T = TypeVar("T")
+
+
+class Breaker(Protocol):
+    async def before_call(self) -> None: ...
+    async def record_success(self) -> None: ...
+    async def record_failure(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BillingClientConfig:
+    base_url: str
+    api_key: str = field(repr=False)
+    pagination: Literal["cursor", "offset"] = "cursor"
+    page_size: int = 1000
+    rate_limit_rps: float = 10.0
+    timeout_s: float = 30.0
+    bulk_concurrency: int = 4
+    bulk_rounds: int = 6
+    listing_rounds: int = 3
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass
+class Listing:
+    """The newest sighting of each id changed since `since`, and what it took."""
+
+    entity: Entity
+    since: str
+    expected: int
+    seen: dict[str, Light] = field(default_factory=dict)
+    pages: int = 0
+    rounds: int = 0
+
+
+@dataclass
+class FetchResult:
+    records: dict[str, Record] = field(default_factory=dict)
+    invalid: list[InvalidRecord] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClientStats:
+    requests: Counter[str] = field(default_factory=Counter)  # "METHOD /path status"
+    retries: int = 0
+    silent_throttles: int = 0
+    reasked_ids: int = 0
+
+
+class BillingClient:
+    """Reuse one instance (and its connection pool) across invocations; close it with `aclose()`."""
+
+    def __init__(
+        self,
+        config: BillingClientConfig,
+        *,
+        breaker: Breaker | None = None,
+        sleep: Sleep | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.breaker = breaker
+        self.stats = ClientStats()
+        self._sleep = sleep
+        # A smooth pace a little under the limit: bursts are what trips a token bucket.
+        self._limiter = AsyncLimiter(1, 1.0 / (config.rate_limit_rps * 0.95))
+        self._http = httpx.AsyncClient(
+            base_url=config.base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {config.api_key}", "Accept": "application/json"},
+            timeout=httpx.Timeout(config.timeout_s),
+            limits=httpx.Limits(max_connections=max(8, config.bulk_concurrency * 2)),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> BillingClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ---- one request ----
+
+    async def _request(self, method: str, path: str, *, operation: str, **kwargs: Any) -> Any:
+        await self._limiter.acquire()
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            self.stats.requests[f"{method} {_template(path)} transport-error"] += 1
+            raise transport_error(exc, system=SYSTEM, operation=operation) from None
+        self.stats.requests[f"{method} {_template(path)} {response.status_code}"] += 1
+        classify(response, system=SYSTEM, operation=operation)
+        try:
+            return response.json()
+        except json.JSONDecodeError:
+            raise TransientError(f"billing {operation}: the answer is not JSON", system=SYSTEM) from None
+
+    async def _retrying(self, func: Callable[[], Awaitable[T]], *, what: str) -> T:
+        def counted(_attempt: int, exc: BaseException, _delay: float) -> None:
+            self.stats.retries += 1
+            if isinstance(exc, SilentThrottleError):
+                self.stats.silent_throttles += 1
+
+        if self.breaker is not None:
+            await self.breaker.before_call()
+        try:
+            result = await call_with_retries(
+                func, policy=self.config.retry, what=what, sleep=self._sleep, on_retry=counted
+            )
+        except TransientError:
+            if self.breaker is not None:
+                await self.breaker.record_failure()
+            raise
+        if self.breaker is not None:
+            await self.breaker.record_success()
+        return result
+
+    # ---- count and list ----
+
+    async def count(self, entity: Entity, since: str) -> int:
+        async def once() -> int:
+            body = await self._request("GET", f"/v1/{entity}/count", operation=f"count {entity}", params=_since(since))
+            count = body.get("count") if isinstance(body, dict) else None
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ContractError(f"billing count {entity}: no whole 'count' in the answer", system=SYSTEM)
+            return count
+
+        return await self._retrying(once, what=f"billing count {entity}")
+
+    def paginator(self, since: str) -> Paginator:
+        return CursorPaginator(since) if self.config.pagination == "cursor" else KeysetOverOffset(since)
+
+    async def _page(self, entity: Entity, params: dict[str, str], *, expect_records: bool) -> Page:
+        query = {**params, "limit": str(self.config.page_size), "fields": "id,updated_at,version"}
+
+        async def once() -> Page:
+            body = await self._request("GET", f"/v1/{entity}", operation=f"list {entity}", params=query)
+            page = parse_page(body, entity=entity)
+            if not page.records and expect_records:
+                raise SilentThrottleError(
+                    f"billing list {entity}: an empty page where records were due (silent throttling)",
+                    system=SYSTEM,
+                )
+            return page
+
+        return await self._retrying(once, what=f"billing list {entity}")
+
+    async def list_changed(self, entity: Entity, since: str, *, max_pages: int | None = None) -> Listing:
+        """Every id changed since `since` (inclusive), each once, with its newest sighting."""
+        expected = await self.count(entity, since)
+        listing = Listing(entity, since, expected)
+        bound = max_pages or (expected // max(1, self.config.page_size) + 1) * 4 + 10
+        for _ in range(self.config.listing_rounds):
+            listing.rounds += 1
+            await self._one_listing(listing, bound)
+            if len(listing.seen) >= expected:
+                return listing
+            log.warning(
+                "billing list %s: %d ids listed but the count said %d; listing again (silent throttling)",
+                entity, len(listing.seen), expected,
+            )  # fmt: skip
+            self.stats.silent_throttles += 1
+        raise SilentThrottleError(
+            f"billing list {entity}: {len(listing.seen)} ids after {listing.rounds} listings, count says {expected}",
+            system=SYSTEM,
+        )
+
+    async def list_pages(
+        self, entity: Entity, since: str, *, paginator: Paginator | None = None, max_pages: int = 100_000
+    ) -> Listing:
+        """One pass over the listing, without the count check (list_changed adds it)."""
+        listing = Listing(entity, since, expected=0)
+        await self._one_listing(listing, max_pages, paginator)
+        return listing
+
+    async def _one_listing(self, listing: Listing, bound: int, paginator: Paginator | None = None) -> None:
+        paginator = paginator or self.paginator(listing.since)
+        params: dict[str, str] | None = paginator.start()
+        previous_has_more = False
+        pages = 0
+        while params is not None:
+            pages += 1
+            if pages > bound:
+                raise ContractError(f"billing list {listing.entity}: more than {bound} pages; giving up", system=SYSTEM)
+            first_and_due = pages == 1 and listing.expected > 0
+            page = await self._page(listing.entity, params, expect_records=previous_has_more or first_and_due)
+            for record in page.records:
+                known = listing.seen.get(record.id)
+                if known is None or record.updated_at >= known.updated_at:
+                    listing.seen[record.id] = record
+            previous_has_more = page.has_more
+            params = paginator.next_params(page)
+        listing.pages += pages
+
+    # ---- fetch ----
+
+    async def _bulk(self, entity: Entity, ids: Sequence[str]) -> list[Any]:
+        async def once() -> list[Any]:
+            body = await self._request(
+                "POST", f"/v1/{entity}/bulk", operation=f"bulk fetch {entity}", json={"ids": list(ids)}
+            )
+            data = body.get("data") if isinstance(body, dict) else None
+            if not isinstance(data, list):
+                raise ContractError(f"billing bulk fetch {entity}: no 'data' list", system=SYSTEM)
+            return data
+
+        return await self._retrying(once, what=f"billing bulk fetch {entity}")
+
+    async def _one(self, entity: Entity, record_id: str) -> Any | None:
+        async def once() -> Any | None:
+            try:
+                return await self._request(
+                    "GET", f"/v1/{entity}/{_path_segment(record_id)}", operation=f"fetch {entity}"
+                )
+            except NotFoundError:
+                return None
+
+        return await self._retrying(once, what=f"billing fetch {entity}")
+
+    async def fetch(self, entity: Entity, ids: Sequence[str]) -> FetchResult:
+        """Full records for `ids`: each ends fetched (valid or invalid) or, confirmed one by one, not found."""
+        result = FetchResult()
+        pending = list(dict.fromkeys(ids))
+        gate = asyncio.Semaphore(self.config.bulk_concurrency)
+
+        async def chunk(part: Sequence[str]) -> list[Any]:
+            async with gate:
+                return await self._bulk(entity, part)
+
+        for round_no in range(1, self.config.bulk_rounds + 1):
+            parts = [pending[i : i + MAX_BULK] for i in range(0, len(pending), MAX_BULK)]
+            answers = await asyncio.gather(*(chunk(p) for p in parts))
+            wanted = set(pending)
+            for raw in (r for answer in answers for r in answer):
+                record_id = raw.get("id") if isinstance(raw, dict) else None
+                if record_id not in wanted:
+                    continue  # not asked for, or already taken from an earlier answer of this round
+                wanted.discard(record_id)
+                self._take(entity, raw, result)
+            pending = [i for i in pending if i in wanted]
+            if not pending:
+                return result
+            self.stats.reasked_ids += len(pending)
+            self.stats.silent_throttles += 1
+            log.info("billing bulk fetch %s: %d ids left out (round %d); asking again", entity, len(pending), round_no)
+            delay = self.config.retry.wait(round_no, None)
+            await (self._sleep or asyncio.sleep)(delay)
+        for record_id in pending:  # confirm each one: a single fetch's 404 is the only "not found" we believe
+            raw = await self._one(entity, record_id)
+            if raw is None:
+                result.not_found.append(record_id)
+            else:
+                self._take(entity, raw, result, asked=record_id)
+        return result
+
+    @staticmethod
+    def _take(entity: Entity, raw: Any, result: FetchResult, *, asked: str | None = None) -> None:
+        parsed = parse_record(entity, raw)
+        if isinstance(parsed, InvalidRecord):
+            if parsed.record_id is None and asked is not None:
+                parsed = InvalidRecord(entity, asked, parsed.reason)
+            result.invalid.append(parsed)
+        elif asked is not None and parsed.id != asked:
+            result.invalid.append(InvalidRecord(entity, asked, f"id: asked for {asked!r}, the answer was another id"))
+        else:
+            result.records[parsed.id] = parsed
+
+
+def _since(since: str) -> dict[str, str]:
+    return {"updated_since": since} if since else {}
+
+
+def _path_segment(value: str) -> str:
+    """One URL path segment: every reserved character escaped, '/' included."""
+    return quote(value, safe="")
+
+
+def _template(path: str) -> str:
+    parts = path.strip("/").split("/")
+    if len(parts) == 3 and parts[2] not in ("count", "bulk"):
+        return f"/{parts[0]}/{parts[1]}/{{id}}"
+    return path

@@ -1,0 +1,181 @@
+"""A circuit breaker per outside system whose state lives in an Azure Table entity, updated with ETags.
+
+Every function instance reads and writes the same entity (PartitionKey `breaker`, RowKey the system's name), so
+when one instance opens the breaker all of them see it open. Writes use optimistic concurrency: a write based on
+a stale read fails with 412 and is redone on a fresh read, so concurrent failures are all counted and exactly one
+instance wins the right to send the half-open probe.
+
+closed --(failure_threshold failures in a row)--> open --(open_for_s elapsed; one caller probes)--> half_open
+half_open --(probe succeeds)--> closed;  half_open --(probe fails)--> open
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import UpdateMode
+from azure.data.tables.aio import TableClient
+
+from shared.errors import CircuitOpenError
+
+log = logging.getLogger("shared.breaker")
+PARTITION = "breaker"
+State = Literal["closed", "open", "half_open"]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    open_for_s: float = 30.0
+    cache_s: float = 1.0  # how stale a read may be when deciding to let a call through
+    write_attempts: int = 20
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    state: State = "closed"
+    failures: int = 0
+    opened_at: float = 0.0
+    probe_at: float = 0.0
+    etag: str | None = None
+
+    def to_entity(self, system: str) -> dict[str, Any]:
+        return {
+            "PartitionKey": PARTITION,
+            "RowKey": system,
+            "state": self.state,
+            "failures": self.failures,
+            "opened_at": self.opened_at,
+            "probe_at": self.probe_at,
+        }
+
+    @classmethod
+    def from_entity(cls, entity: Any) -> BreakerState:
+        state = entity.get("state", "closed")
+        return cls(
+            state=state if state in ("closed", "open", "half_open") else "closed",
+            failures=int(entity.get("failures", 0)),
+            opened_at=float(entity.get("opened_at", 0.0)),
+            probe_at=float(entity.get("probe_at", 0.0)),
+            etag=entity.metadata.get("etag") if hasattr(entity, "metadata") else None,
+        )
+
+
+class CircuitBreaker:
+    def __init__(
+        self, table: TableClient, system: str, config: BreakerConfig | None = None, *, clock: Clock = time.time
+    ) -> None:
+        self.table = table
+        self.system = system
+        self.config = config or BreakerConfig()
+        self.clock = clock
+        self._cached: BreakerState | None = None
+        self._cached_at = float("-inf")
+
+    async def read(self, *, fresh: bool = True) -> BreakerState:
+        now = time.monotonic()
+        if not fresh and self._cached is not None and now - self._cached_at < self.config.cache_s:
+            return self._cached
+        try:
+            entity = await self.table.get_entity(PARTITION, self.system)
+            state = BreakerState.from_entity(entity)
+        except ResourceNotFoundError:
+            state = BreakerState()
+        self._cached, self._cached_at = state, now
+        return state
+
+    async def _write(self, old: BreakerState, new: BreakerState) -> bool:
+        """Write `new` if nobody wrote since `old` was read. False means: someone did; read again."""
+        entity = new.to_entity(self.system)
+        try:
+            if old.etag is None:
+                await self.table.create_entity(entity)
+            else:
+                await self.table.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=old.etag, match_condition=MatchConditions.IfNotModified
+                )
+        except (ResourceModifiedError, ResourceExistsError):
+            return False
+        self._cached = None
+        if new.state != old.state:
+            log.warning("Breaker '%s': %s -> %s (failures %d)", self.system, old.state, new.state, new.failures)
+        return True
+
+    async def _transition(self, change: Callable[[BreakerState], BreakerState | None]) -> BreakerState:
+        """Apply `change` to the current state with optimistic concurrency. `change` returning None: no write."""
+        for _ in range(self.config.write_attempts):
+            old = await self.read()
+            new = change(old)
+            if new is None:
+                return old
+            if await self._write(old, new):
+                return new
+        raise CircuitOpenError(
+            f"breaker '{self.system}': could not record its state (too much contention)", system=self.system
+        )
+
+    async def before_call(self) -> None:
+        """Let the call through, or raise CircuitOpenError. While open, exactly one caller gets to probe."""
+        state = await self.read(fresh=False)
+        if state.state == "closed":
+            return
+        now = self.clock()
+        if state.state == "open" and now - state.opened_at < self.config.open_for_s:
+            raise self._open_error(state, now)
+        if state.state == "half_open" and now - state.probe_at < self.config.open_for_s:
+            raise self._open_error(state, now)  # someone else's probe is under way
+
+        won = False
+
+        def start_probe(current: BreakerState) -> BreakerState | None:
+            nonlocal won
+            t = self.clock()
+            due = (current.state == "open" and t - current.opened_at >= self.config.open_for_s) or (
+                current.state == "half_open" and t - current.probe_at >= self.config.open_for_s
+            )
+            won = due
+            return replace(current, state="half_open", probe_at=t) if due else None
+
+        result = await self._transition(start_probe)
+        if result.state == "closed" or won:
+            return
+        raise self._open_error(result, self.clock())
+
+    def _open_error(self, state: BreakerState, now: float) -> CircuitOpenError:
+        since = state.opened_at if state.state == "open" else state.probe_at
+        wait = max(0.0, self.config.open_for_s - (now - since))
+        return CircuitOpenError(
+            f"breaker '{self.system}' is {state.state.replace('_', '-')}: calls paused for {wait:.0f} s more",
+            system=self.system,
+            retry_after=wait,
+        )
+
+    async def record_success(self) -> None:
+        cached = self._cached
+        if cached is not None and cached.state == "closed" and cached.failures == 0:
+            return  # the common case costs no table write
+
+        def close(current: BreakerState) -> BreakerState | None:
+            if current.state == "closed" and current.failures == 0:
+                return None
+            return replace(current, state="closed", failures=0, opened_at=0.0, probe_at=0.0)
+
+        await self._transition(close)
+
+    async def record_failure(self) -> None:
+        def fail(current: BreakerState) -> BreakerState:
+            failures = current.failures + 1
+            if current.state == "half_open" or (
+                current.state == "closed" and failures >= self.config.failure_threshold
+            ):
+                return replace(current, state="open", failures=failures, opened_at=self.clock())
+            return replace(current, failures=failures)
+
+        await self._transition(fail)

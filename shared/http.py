@@ -1,0 +1,139 @@
+"""One place that sorts HTTP outcomes into the error groups, reads Retry-After, and retries with back-off."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
+
+from shared.errors import AuthError, FatalError, NotFoundError, SyncError, ThrottledError, TransientError
+
+log = logging.getLogger("shared.http")
+T = TypeVar("T")
+MAX_RETRY_AFTER_S = 300.0
+_BODY_SNIPPET = 200
+
+
+def parse_retry_after(
+    value: str | None, *, now: datetime | None = None, cap_s: float = MAX_RETRY_AFTER_S
+) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), clamped to [0, cap_s]."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None if math.isnan(seconds) else cap_s
+    return min(max(seconds, 0.0), cap_s)
+
+
+def _error_detail(response: httpx.Response) -> tuple[str | None, str]:
+    """The error code and a short message from a JSON error body (Dataverse and billing use {"error": {...}})."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, response.text[:_BODY_SNIPPET]
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return (str(err.get("code")) if err.get("code") is not None else None), str(err.get("message", ""))[
+            :_BODY_SNIPPET
+        ]
+    return None, str(body)[:_BODY_SNIPPET]
+
+
+def classify(response: httpx.Response, *, system: str, operation: str) -> None:
+    """Raise the error that says what to do next, or return for a 2xx answer."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    code, message = _error_detail(response)
+    request_id = response.headers.get("x-ms-service-request-id") or response.headers.get("x-request-id")
+    text = f"{system} {operation}: HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+    kwargs: dict[str, Any] = {"system": system, "status_code": status, "code": code, "request_id": request_id}
+    if status == 429:
+        raise ThrottledError(text, retry_after=parse_retry_after(response.headers.get("retry-after")), **kwargs)
+    if status in (408, 425) or status >= 500:
+        raise TransientError(text, retry_after=parse_retry_after(response.headers.get("retry-after")), **kwargs)
+    if status in (401, 403):
+        raise AuthError(text, **kwargs)
+    if status == 404:
+        raise NotFoundError(text, **kwargs)
+    raise FatalError(text, **kwargs)
+
+
+def transport_error(exc: httpx.HTTPError, *, system: str, operation: str) -> SyncError:
+    """Timeouts and connection failures are transient; anything else httpx raises is a bug of ours."""
+    if isinstance(exc, httpx.TimeoutException | httpx.TransportError):
+        return TransientError(f"{system} {operation}: {type(exc).__name__}", system=system)
+    return FatalError(f"{system} {operation}: {type(exc).__name__}", system=system)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential back-off with full jitter, bounded by attempts and total time; Retry-After wins when given."""
+
+    attempts: int = 6
+    total_s: float = 60.0
+    base_s: float = 0.5
+    cap_s: float = 20.0
+
+    def wait(self, attempt: int, error: BaseException | None, rng: random.Random | None = None) -> float:
+        retry_after = error.retry_after if isinstance(error, SyncError) else None
+        if retry_after is not None:
+            return min(retry_after, self.cap_s * 4)
+        ceiling = min(self.cap_s, self.base_s * 2 ** (attempt - 1))
+        return (rng or random).uniform(0, ceiling)  # full jitter
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+async def call_with_retries(
+    func: Callable[[], Awaitable[T]],
+    *,
+    policy: RetryPolicy,
+    what: str,
+    sleep: Sleep | None = None,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+) -> T:
+    """Run `func`, retrying TransientError as the policy says. The last error propagates."""
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return policy.wait(state.attempt_number, exc)
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.upcoming_sleep
+        log.warning("%s: attempt %d failed (%s); retrying in %.2fs", what, state.attempt_number, exc, delay)
+        if on_retry is not None and exc is not None:
+            on_retry(state.attempt_number, exc, delay)
+
+    extra: dict[str, Any] = {"sleep": sleep} if sleep is not None else {}
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.total_s),
+        wait=wait,
+        retry=retry_if_exception_type(TransientError),
+        before_sleep=before_sleep,
+        reraise=True,
+        **extra,
+    )
+    result: T = await retrying(func)
+    return result

@@ -1,0 +1,155 @@
+"""Response classification, Retry-After, and the retry policy."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.errors import (
+    AuthError,
+    FatalError,
+    NotFoundError,
+    SyncError,
+    ThrottledError,
+    TransientError,
+)
+from shared.http import RetryPolicy, call_with_retries, classify, parse_retry_after, transport_error
+
+NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (200, None),
+        (204, None),
+        (400, FatalError),
+        (401, AuthError),
+        (403, AuthError),
+        (404, NotFoundError),
+        (408, TransientError),
+        (409, FatalError),
+        (422, FatalError),
+        (429, ThrottledError),
+        (500, TransientError),
+        (502, TransientError),
+        (503, TransientError),
+        (504, TransientError),
+    ],
+)
+def test_status_decides_what_happens_next(status: int, expected: type[SyncError] | None) -> None:
+    response = httpx.Response(status, json={"error": {"code": "0x80040237", "message": "detail"}})
+    if expected is None:
+        classify(response, system="billing", operation="list")
+        return
+    with pytest.raises(expected) as info:
+        classify(response, system="billing", operation="list")
+    assert type(info.value) is expected
+    assert info.value.status_code == status
+    assert info.value.code == "0x80040237"
+    assert str(info.value).startswith(f"billing list: HTTP {status}")
+
+
+def test_429_carries_retry_after_and_no_header_value_leaks() -> None:
+    response = httpx.Response(
+        429, headers={"Retry-After": "7", "Authorization": "Bearer s3cret"}, json={"error": {"code": "rate_limited"}}
+    )
+    with pytest.raises(ThrottledError) as info:
+        classify(response, system="billing", operation="bulk fetch")
+    assert info.value.retry_after == 7
+    assert "s3cret" not in str(info.value)
+    assert "s3cret" not in str(info.value.to_dict())
+
+
+def test_non_json_error_bodies_are_cut_short() -> None:
+    with pytest.raises(TransientError) as info:
+        classify(httpx.Response(502, text="<html>" + "x" * 5000), system="billing", operation="list")
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("5", 5.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("-3", 0.0),
+        ("100000", 300.0),
+        ("Sun, 22 Nov 2026 12:00:30 GMT", 30.0),
+        ("Sun, 22 Nov 2026 11:59:00 GMT", 0.0),
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("nan", None),
+        ("inf", 300.0),
+    ],
+)
+def test_retry_after_is_seconds_or_an_http_date_clamped(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, now=NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (httpx.ConnectError("refused"), TransientError),
+        (httpx.ReadTimeout("slow"), TransientError),
+        (httpx.RemoteProtocolError("dropped"), TransientError),
+        (httpx.InvalidURL("bad"), FatalError),
+    ],
+)
+def test_transport_errors(exc: httpx.HTTPError, expected: type[SyncError]) -> None:
+    assert type(transport_error(exc, system="billing", operation="list")) is expected
+
+
+@given(st.integers(min_value=1, max_value=30), st.integers(min_value=0, max_value=2**32))
+def test_backoff_is_full_jitter_below_an_exponential_ceiling(attempt: int, seed: int) -> None:
+    policy = RetryPolicy(base_s=0.5, cap_s=20)
+    wait = policy.wait(attempt, TransientError("x"), random.Random(seed))
+    assert 0 <= wait <= min(20, 0.5 * 2 ** (attempt - 1))
+
+
+def test_retry_after_wins_over_backoff() -> None:
+    assert RetryPolicy().wait(1, ThrottledError("x", retry_after=12)) == 12
+
+
+@pytest.mark.anyio
+async def test_retries_are_bounded_and_the_last_error_propagates() -> None:
+    calls = 0
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def always_transient() -> None:
+        nonlocal calls
+        calls += 1
+        raise TransientError(f"failure {calls}")
+
+    with pytest.raises(TransientError, match="failure 4"):
+        await call_with_retries(always_transient, policy=RetryPolicy(attempts=4), what="t", sleep=sleep)
+    assert calls == 4
+    assert len(slept) == 3
+
+
+@pytest.mark.anyio
+async def test_fatal_errors_are_not_retried() -> None:
+    calls = 0
+
+    async def fatal() -> None:
+        nonlocal calls
+        calls += 1
+        raise AuthError("no")
+
+    with pytest.raises(AuthError):
+        await call_with_retries(fatal, policy=RetryPolicy(attempts=5), what="t")
+    assert calls == 1
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
