@@ -23,7 +23,14 @@ import httpx
 from aiolimiter import AsyncLimiter
 
 from shared.billing.models import Entity, Light, Record, parse_record
-from shared.billing.pagination import CursorPaginator, KeysetOverOffset, Page, Paginator, parse_page
+from shared.billing.pagination import (
+    CursorPaginator,
+    KeysetOverOffset,
+    Page,
+    Paginator,
+    looks_throttled,
+    parse_page,
+)
 from shared.errors import (
     ContractError,
     InvalidRecord,
@@ -177,7 +184,7 @@ class BillingClient:
         async def once() -> Page:
             body = await self._request("GET", f"/v1/{entity}", operation=f"list {entity}", params=query)
             page = parse_page(body, entity=entity)
-            if not page.records and expect_records:
+            if looks_throttled(page, previous_has_more=False, records_due=expect_records):
                 raise SilentThrottleError(
                     f"billing list {entity}: an empty page where records were due (silent throttling)",
                     system=SYSTEM,

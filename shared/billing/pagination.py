@@ -48,6 +48,12 @@ def parse_page(body: Any, *, entity: str) -> Page:
     return Page(tuple(records), body["has_more"], cursor if isinstance(cursor, str) else None)
 
 
+def looks_throttled(page: Page, *, previous_has_more: bool, records_due: bool) -> bool:
+    """An empty page is silent throttling when the previous page promised more, or when records are due (the count
+    endpoint says there are some and none has been listed yet). An empty page is never taken as "no more data"."""
+    return not page.records and (previous_has_more or records_due)
+
+
 class Paginator(ABC):
     """`first()` gives the first request's parameters; `next_params(page)` the next one's, or None at the end."""
 

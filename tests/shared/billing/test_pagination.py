@@ -15,6 +15,7 @@ from shared.billing.pagination import (
     NaiveOffsetPaginator,
     Page,
     Paginator,
+    looks_throttled,
     parse_page,
 )
 from shared.errors import ContractError
@@ -95,6 +96,23 @@ def test_cursor_pagination_loses_nothing_whatever_changes_when(
 ) -> None:
     api = FakeListApi(dict(stamps))
     assert run(CursorPaginator(stamp(0)), api, limit, changes) == set(stamps)
+
+
+@pytest.mark.parametrize(
+    ("records", "has_more", "previous_has_more", "records_due", "throttled"),
+    [
+        (0, False, True, False, True),  # the previous page promised more: an empty page cannot be the end
+        (0, False, False, True, True),  # the count says there are records and none has been listed
+        (0, False, False, False, False),  # nothing changed since the watermark: a true empty listing
+        (3, False, True, True, False),  # records came: not throttled, whatever was expected
+        (3, True, False, False, False),
+    ],
+)
+def test_silent_throttle_detection(
+    records: int, has_more: bool, previous_has_more: bool, records_due: bool, throttled: bool
+) -> None:
+    page = Page(tuple(Light(id=f"r{i}", updated_at=stamp(i)) for i in range(records)), has_more)
+    assert looks_throttled(page, previous_has_more=previous_has_more, records_due=records_due) is throttled
 
 
 def test_naive_offset_loop_skips_a_record_when_an_earlier_one_changes() -> None:
