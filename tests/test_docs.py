@@ -1,4 +1,4 @@
-"""Docs move with code: every test that docs/local-platform.md cites exists."""
+"""Docs move with code: every test the docs cite exists."""
 
 from __future__ import annotations
 
@@ -19,4 +19,17 @@ def test_every_test_cited_by_the_local_platform_doc_exists() -> None:
     cited = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text)
     assert len(cited) > 30
     missing = [f"{file}::{name}" for file, name in cited if name not in _defined(ROOT / file)]
+    assert missing == []
+
+
+def test_tests_and_files_cited_anywhere_in_the_docs_exist() -> None:
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        for file, name in re.findall(r"(tests/[\w/]+\.py)::(\w+)", text):
+            if not (ROOT / file).is_file() or name not in _defined(ROOT / file):
+                missing.append(f"{doc.name}: {file}::{name}")
+        for file in re.findall(r"`((?:shared|sandbox|tests)/[\w/]+\.py)`", text):
+            if not (ROOT / file).is_file():
+                missing.append(f"{doc.name}: {file}")
     assert missing == []
