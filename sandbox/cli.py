@@ -17,6 +17,7 @@ import typer
 
 from sandbox.azurite import DEFAULT_PORTS, ROOT, Azurite, AzuriteError
 from sandbox.billing_sim.run import billing_server
+from sandbox.dataverse_sim.run import dataverse_server
 from sandbox.faults import FaultProfileError, load_profile
 from sandbox.host.errors import HostStartupError
 from sandbox.host.runtime import HostOptions, LocalHost, default_settings_file
@@ -225,6 +226,31 @@ def billing_sim(
         print(f"Billing simulator listening on {running.url}", flush=True)
         print(f"  OpenAPI: {running.url}/openapi.json; API key and webhook secret in {ROOT / '.local' / 'secrets'}")
         print(f"  records: {running.store.table_counts()}", flush=True)
+        _wait_for_signal()
+
+
+@cli.command("dataverse-sim")
+def dataverse_sim(
+    port: Annotated[int, typer.Option(help="HTTPS port on 127.0.0.1 (0 = any free port).")] = 0,
+    faults: FaultsOpt = None,
+    db: Annotated[Path | None, typer.Option(help="Keep the data in this SQLite file.")] = None,
+    ca_dir: Annotated[
+        Path | None, typer.Option(help="Write the local test CA (ca.pem) and server certificate here.")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The Dataverse Web API simulator alone, over HTTPS. Client secret: $DATAVERSE_CLIENT_SECRET, else generated."""
+    _logging(verbose)
+    try:
+        profile = load_profile(faults)
+    except FaultProfileError as exc:
+        raise _fail(str(exc)) from None
+    secret = _local_secret("dataverse-client-secret", "DATAVERSE_CLIENT_SECRET")
+    with dataverse_server(client_secret=secret, profile=profile, db=db, ca_dir=ca_dir, port=port) as running:
+        print(f"Dataverse simulator listening on {running.url} (Web API: {running.api})", flush=True)
+        print(f"  trust this CA: {running.tls.ca_pem}")
+        print(f"  token endpoint: {running.url}/{running.tenant_id}/oauth2/v2.0/token (any client id)")
+        print(f"  client secret in {ROOT / '.local' / 'secrets' / 'dataverse-client-secret'}", flush=True)
         _wait_for_signal()
 
 

@@ -41,7 +41,7 @@ def make_server(app: Any, *, certfile: Path | None = None, keyfile: Path | None 
         lifespan="off",
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=1,
     )
     return _QuietServer(config)
 
@@ -72,6 +72,12 @@ class ThreadedServer:
         try:
             self.loop.run_until_complete(self._server.serve(sockets=[self._sock]))
         finally:
+            # Keep-alive clients (requests sessions, TLS) may still hold connections: cut them, let them close.
+            for connection in list(self._server.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abort()
+            self.loop.run_until_complete(asyncio.sleep(0.05))
             pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
             for task in pending:
                 task.cancel()

@@ -193,9 +193,12 @@ def test_every_change_is_posted_as_a_signed_webhook() -> None:
             received.append((dict(request.headers), await request.body()))
         return Response(status_code=204)
 
-    with ThreadedServer(Starlette(routes=[Route("/hook", hook, methods=["POST"])])) as receiver, billing_server(
-        records=20, seed=1, api_key=KEY, webhook_url=f"{receiver.url}/hook", webhook_secret="whsec"
-    ) as running:
+    with (
+        ThreadedServer(Starlette(routes=[Route("/hook", hook, methods=["POST"])])) as receiver,
+        billing_server(
+            records=20, seed=1, api_key=KEY, webhook_url=f"{receiver.url}/hook", webhook_secret="whsec"
+        ) as running,
+    ):
         ids = running.store.all_ids("invoices")[:3]
         httpx.post(f"{running.url}/admin/mutate", headers=AUTH, json={"entity": "invoices", "ids": ids})
         wait_until(lambda: len(received) == 3, timeout=20, what="three webhooks")
