@@ -48,6 +48,7 @@ def odata_error(err: DataverseError, headers: dict[str, str] | None = None) -> J
 class Stats:
     requests: defaultdict[str, Counter[int]] = field(default_factory=lambda: defaultdict(Counter))
     throttled: Counter[str] = field(default_factory=Counter)  # by error code
+    by_identity: Counter[str] = field(default_factory=Counter)  # requests admitted, per application user
     records_written: int = 0
     records_rejected: int = 0
     errors_injected: int = 0
@@ -181,6 +182,7 @@ class DataverseSimulator:
                 status_code=429,
                 headers={"Retry-After": str(max(1, round(refusal.retry_after_s)))},
             )
+        self.stats.by_identity[identity] += 1
         charged = 0.0
         try:
             if self.faults.latency_ms is not None and self.faults.latency_ms.max > 0:
@@ -387,6 +389,7 @@ class DataverseSimulator:
             {
                 "requests": {k: {str(code): n for code, n in v.items()} for k, v in s.requests.items()},
                 "throttled": dict(s.throttled),
+                "by_identity": dict(s.by_identity),
                 "records_written": s.records_written,
                 "records_rejected": s.records_rejected,
                 "errors_injected": s.errors_injected,
