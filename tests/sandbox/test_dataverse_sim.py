@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import ssl
+import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,6 +16,8 @@ import pytest
 
 from sandbox.dataverse_sim.run import RunningDataverse, dataverse_server
 from sandbox.faults import DataverseFaults, FaultProfile, ServiceProtection
+from sandbox.procutil import spawn, stop
+from tests.conftest import wait_until
 
 SECRET = "sim-secret"
 
@@ -241,3 +248,24 @@ def test_rejections_are_decided_per_record_so_retries_agree() -> None:
         second = [upsert_account(http, f"RJ-{i}").status_code for i in range(50)]
     assert first == second
     assert 3 <= first.count(400) <= 20
+
+
+def test_cli_serves_https_with_its_ca_until_sigterm(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DATAVERSE_CLIENT_SECRET": SECRET}
+    argv = [sys.executable, "-m", "sandbox", "dataverse-sim", "--ca-dir", str(tmp_path), "--db", str(tmp_path / "d.db")]
+    proc = spawn(argv, cwd=root, env=env)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in proc.stdout or []), daemon=True).start()
+    try:
+        line = wait_until(lambda: next((x for x in lines if "listening on" in x), None), timeout=60, what="the URL")
+        url = line.split("listening on ")[1].split()[0]
+        form = {"grant_type": "client_credentials", "client_id": "cli", "client_secret": SECRET}
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))) as http:
+            token = http.post(f"{url}/tenant/oauth2/v2.0/token", data=form).json()["access_token"]
+            who = http.get(f"{url}/api/data/v9.2/WhoAmI", headers={"Authorization": f"Bearer {token}"})
+        assert who.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc)

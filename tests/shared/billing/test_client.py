@@ -195,6 +195,16 @@ async def test_an_outage_opens_the_breaker_and_later_calls_are_refused_without_a
                 assert running.simulator.stats.outage_drops == served == 4  # the refused call sent nothing
 
 
+async def test_a_hanging_platform_times_out_and_is_retried_not_waited_for() -> None:
+    profile = FaultProfile(billing=BillingFaults(timeout_rate=1.0))
+    with billing_server(records=10, seed=1, profile=profile, api_key=KEY) as running:
+        retry = RetryPolicy(attempts=2, base_s=0, cap_s=0)
+        async with client_for(running.url, timeout_s=0.3, retry=retry) as client:
+            with pytest.raises(TransientError, match="ReadTimeout"):
+                await client.count("invoices", "")
+        assert client.stats.requests["GET /v1/invoices/count transport-error"] == 2
+
+
 # ---- a platform that answers garbage: a crafted server on loopback ----
 
 
