@@ -32,6 +32,9 @@ lint: deps
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+bench: deps
+	$(BIN)/python -m bench.dataverse_ceiling --rows 100000
+
 fmt: deps
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .

@@ -184,22 +184,27 @@ class DataverseSimulator:
             )
         self.stats.by_identity[identity] += 1
         charged = 0.0
+        response: Response
         try:
             if self.faults.latency_ms is not None and self.faults.latency_ms.max > 0:
                 await asyncio.sleep(self.rng.uniform(self.faults.latency_ms.min, self.faults.latency_ms.max) / 1000)
             if self.faults.error_rate and self.rng.random() < self.faults.error_rate:
                 self.stats.errors_injected += 1
                 status = self.rng.choice([500, 503])
-                return odata_error(DataverseError(status, "0x80040216", "An unexpected error occurred."))
+                raise DataverseError(status, "0x80040216", "An unexpected error occurred.")  # noqa: TRY301 - same path as a real one
             response, written = await self._dispatch(request, rest)
             charged = written * self.faults.ms_per_record
             if charged:
                 await asyncio.sleep(charged / 1000)
         except DataverseError as err:
-            return odata_error(err)
+            response = odata_error(err)
         finally:
             if self.protection is not None:
                 self.protection.finish(identity, charged)
+        if self.protection is not None:
+            requests_left, time_left = self.protection.remaining(identity)
+            response.headers["x-ms-ratelimit-burst-remaining-xrm-requests"] = str(requests_left)
+            response.headers["x-ms-ratelimit-time-remaining-xrm-requests"] = str(time_left)
         return response
 
     # ---- routing ----

@@ -74,6 +74,15 @@ class Protection:
         caller.in_flight += 1
         return None
 
+    def remaining(self, identity: str) -> tuple[int, int]:
+        """Requests and execution milliseconds left in the window: Dataverse's x-ms-ratelimit-*-remaining-* headers."""
+        caller = self._callers[identity]
+        self._expire(caller, self.clock())
+        return (
+            max(0, self.limits.requests - len(caller.requests)),
+            max(0, int(self.limits.execution_ms - caller.execution_total)),
+        )
+
     def finish(self, identity: str, execution_ms: float) -> None:
         caller = self._callers[identity]
         caller.in_flight = max(0, caller.in_flight - 1)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.dataverse_sim.app import DataverseSimulator, _Drop
+from sandbox.dataverse_sim.schema import TABLES, Table
 from sandbox.dataverse_sim.store import DataverseStore
 from sandbox.dataverse_sim.tls import LocalTls, make_tls
 from sandbox.faults import FaultProfile
@@ -44,6 +45,10 @@ class RunningDataverse:
     @property
     def tenant_id(self) -> str:
         return TENANT
+
+    @staticmethod
+    def store_table(name: str) -> Table:
+        return TABLES[name]
 
 
 @contextmanager

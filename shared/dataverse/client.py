@@ -113,15 +113,48 @@ class AdaptiveLimit:
         self.limit = max(1.0, self.limit / 2)
 
 
+@dataclass(frozen=True)
+class ProtectionLimits:
+    """Service-protection limits per application user; Microsoft's published defaults, or your tenant's."""
+
+    window_s: float = 300.0
+    requests: int = 6000
+    execution_ms: float = 1_200_000.0
+    floor: float = 0.03  # keep this share of each budget in hand: in-flight requests spend from it
+
+    def pause_for(self, requests_left: int | None, time_left_ms: float | None) -> float | None:
+        """Seconds to wait so that the window refills back to the floor; None when there is room to spare."""
+        waits = []
+        if time_left_ms is not None and time_left_ms < self.floor * self.execution_ms:
+            waits.append((self.floor * self.execution_ms - time_left_ms) / (self.execution_ms / self.window_s) / 1000)
+        if requests_left is not None and requests_left < self.floor * self.requests:
+            waits.append((self.floor * self.requests - requests_left) / (self.requests / self.window_s))
+        return max(waits) if waits else None
+
+    def roomy(self, requests_left: int | None, time_left_ms: float | None) -> bool:
+        return (time_left_ms is None or time_left_ms > 2 * self.floor * self.execution_ms) and (
+            requests_left is None or requests_left > 2 * self.floor * self.requests
+        )
+
+
+def _header_int(response: httpx.Response, name: str) -> int | None:
+    value = response.headers.get(name)
+    return int(value) if value is not None and value.strip().lstrip("-").isdigit() else None
+
+
 class Identity:
     """One application user: its credential, cached token, Retry-After block and concurrency limit."""
 
-    def __init__(self, name: str, credential: Credential, scope: str, *, max_concurrency: int) -> None:
+    def __init__(
+        self, name: str, credential: Credential, scope: str, *, max_concurrency: int, limits: ProtectionLimits
+    ) -> None:
         self.name = name
         self.credential = credential
         self.scope = scope
+        self.limits = limits
         self.limit = AdaptiveLimit(1, max_concurrency)
         self.blocked_until = 0.0
+        self.cost_ms: float | None = None  # moving average of a request's duration: what in-flight work will spend
         self._token: str | None = None
         self._expires_on = 0.0
         self._lock = asyncio.Lock()
@@ -140,6 +173,32 @@ class Identity:
     def block(self, seconds: float) -> None:
         self.blocked_until = max(self.blocked_until, time.monotonic() + seconds)
 
+    def observe(self, response: httpx.Response, duration_ms: float) -> None:
+        """Pace from Dataverse's remaining-budget headers, so the limits are approached and not tripped.
+
+        Below the floor, the identity pauses until the window has refilled to it (at the limit's average refill
+        rate) and then probes with one request. Above it, concurrency is capped so that the requests in flight
+        (each costing about the moving average of a request's duration) fit in what is left above the floor.
+        """
+        self.cost_ms = duration_ms if self.cost_ms is None else 0.8 * self.cost_ms + 0.2 * duration_ms
+        requests_left = _header_int(response, "x-ms-ratelimit-burst-remaining-xrm-requests")
+        time_left = _header_int(response, "x-ms-ratelimit-time-remaining-xrm-requests")
+        pause = self.limits.pause_for(requests_left, time_left)
+        if pause is not None:
+            self.limit.limit = 1.0  # after the pause, one request probes the refilled window before others follow
+            self.block(pause)
+            return
+        caps = []
+        if time_left is not None and self.cost_ms > 0:
+            caps.append((time_left - self.limits.floor * self.limits.execution_ms) / self.cost_ms)
+        if requests_left is not None:
+            caps.append(requests_left - self.limits.floor * self.limits.requests)
+        cap = max(1.0, min(caps)) if caps else float(self.limit.maximum)
+        if self.limit.limit > cap:
+            self.limit.limit = cap
+        elif self.limits.roomy(requests_left, time_left):
+            self.limit.on_success()
+
     async def wait_unblocked(self, sleep: Sleep) -> None:
         while (remaining := self.blocked_until - time.monotonic()) > 0:
             await sleep(remaining)
@@ -151,6 +210,7 @@ class DataverseClientConfig:
     chunk_size: int = 100
     max_concurrency: int = 52
     timeout_s: float = 120.0
+    limits: ProtectionLimits = field(default_factory=ProtectionLimits)
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8, total_s=300, base_s=1, cap_s=30))
 
     @property
@@ -175,7 +235,7 @@ class DataverseClient:
         self.stats = ClientStats()
         self._sleep = sleep or asyncio.sleep
         self.identities = [
-            Identity(name, cred, config.scope, max_concurrency=config.max_concurrency)
+            Identity(name, cred, config.scope, max_concurrency=config.max_concurrency, limits=config.limits)
             for name, cred in identities.items()
         ]
         self._http = httpx.AsyncClient(
@@ -202,31 +262,40 @@ class DataverseClient:
         return min(self.identities, key=lambda i: (i.blocked_until > now, i.limit.in_flight / i.limit.limit))
 
     async def _send_once(self, method: str, path: str, *, operation: str, **kwargs: Any) -> httpx.Response:
-        identity = self._pick()
-        await identity.wait_unblocked(self._sleep)
-        async with identity.limit.slot():
-            for refreshed in (False, True):
-                token = await identity.token(refresh=refreshed)
-                headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
-                self.stats.requests += 1
-                try:
-                    response = await self._http.request(method, path, headers=headers, **kwargs)
-                except httpx.HTTPError as exc:
-                    raise transport_error(exc, system=SYSTEM, operation=operation) from None
-                if response.status_code == 401 and not refreshed:
-                    self.stats.unauthorized_refreshes += 1
-                    kwargs["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}
-                    continue
-                break
+        while True:
+            identity = self._pick()
+            await identity.wait_unblocked(self._sleep)
+            async with identity.limit.slot():
+                if identity.blocked_until > time.monotonic():
+                    continue  # blocked while this request waited for a slot: wait again, holding nothing
+                return await self._attempt(identity, method, path, operation=operation, **kwargs)
+
+    async def _attempt(
+        self, identity: Identity, method: str, path: str, *, operation: str, **kwargs: Any
+    ) -> httpx.Response:
+        for refreshed in (False, True):
+            token = await identity.token(refresh=refreshed)
+            headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+            self.stats.requests += 1
+            sent = time.monotonic()
             try:
-                classify(response, system=SYSTEM, operation=operation)
-            except ThrottledError as exc:
-                self.stats.throttled += 1
-                identity.block(exc.retry_after if exc.retry_after is not None else 1.0)
-                identity.limit.on_throttle()
-                raise
-            identity.limit.on_success()
-            return response
+                response = await self._http.request(method, path, headers=headers, **kwargs)
+            except httpx.HTTPError as exc:
+                raise transport_error(exc, system=SYSTEM, operation=operation) from None
+            if response.status_code == 401 and not refreshed:
+                self.stats.unauthorized_refreshes += 1
+                kwargs["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}
+                continue
+            break
+        try:
+            classify(response, system=SYSTEM, operation=operation)
+        except ThrottledError as exc:
+            self.stats.throttled += 1
+            identity.block(exc.retry_after if exc.retry_after is not None else 1.0)
+            identity.limit.on_throttle()
+            raise
+        identity.observe(response, (time.monotonic() - sent) * 1000)
+        return response
 
     async def _send(self, method: str, path: str, *, operation: str, **kwargs: Any) -> httpx.Response:
         async def once() -> httpx.Response:

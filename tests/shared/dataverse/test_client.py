@@ -13,10 +13,17 @@ import pytest
 from azure.core.credentials import AccessToken
 from azure.identity import ClientSecretCredential
 
+from bench.dataverse_ceiling import run as run_benchmark
 from sandbox.dataverse_sim.run import RunningDataverse, dataverse_server
 from sandbox.dataverse_sim.schema import TABLES
 from sandbox.faults import DataverseFaults, FaultProfile, ServiceProtection
-from shared.dataverse.client import DataverseClient, DataverseClientConfig, TableRef, UpsertRow
+from shared.dataverse.client import (
+    DataverseClient,
+    DataverseClientConfig,
+    ProtectionLimits,
+    TableRef,
+    UpsertRow,
+)
 from shared.dataverse.odata import bind
 from shared.errors import AuthError
 from shared.http import RetryPolicy
@@ -191,7 +198,8 @@ async def test_throttling_is_waited_out_per_identity_and_nothing_is_lost() -> No
     limits = ServiceProtection(window_s=2, requests=6, execution_ms=10**9, concurrent=4)
     profile = FaultProfile(dataverse=DataverseFaults(service_protection=limits, error_rate=0.05))
     with dataverse_server(client_secret=SECRET, profile=profile) as running:
-        async with make_client(running, "app-a", "app-b", chunk_size=10) as client:
+        known = ProtectionLimits(window_s=2, requests=6, execution_ms=10**9)
+        async with make_client(running, "app-a", "app-b", chunk_size=10, limits=known) as client:
             rows = [account(f"S-{i:03d}") for i in range(300)]
             outcomes = await client.upsert_many(ACCOUNTS, rows)
             stats = client.stats
@@ -202,3 +210,12 @@ async def test_throttling_is_waited_out_per_identity_and_nothing_is_lost() -> No
     assert stats.throttled > 0
     assert by_identity["app-a"] > 0
     assert by_identity["app-b"] > 0  # the load was spread over both application users
+
+
+@pytest.mark.slow
+async def test_at_the_service_protection_ceiling_nothing_is_lost_and_few_requests_are_refused() -> None:
+    """The benchmark's profile (bench/dataverse_ceiling.py): the counts and the 429 share, never a time."""
+    outcome = await run_benchmark(rows=30_000, chunk_size=100, users=1)
+    assert outcome.written == 30_000
+    assert outcome.distinct_in_store == 30_000  # nothing lost, nothing duplicated
+    assert outcome.share_429 < 0.02
