@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sandbox.dataverse_sim import batch
 from sandbox.dataverse_sim.odata import ODataError, compile_filter, parse_key
 from sandbox.dataverse_sim.protection import Protection
 from sandbox.dataverse_sim.schema import BY_SET, TABLES, Table
@@ -211,6 +212,8 @@ class DataverseSimulator:
 
     async def _dispatch(self, request: Request, rest: str) -> tuple[Response, int]:
         method = request.method
+        if rest == "$batch" and method == "POST":
+            return await self._batch(request)
         if rest == "WhoAmI" and method == "GET":
             ids = uuid.uuid5(uuid.NAMESPACE_URL, self.identity(request) or "")
             body = {
@@ -267,6 +270,44 @@ class DataverseSimulator:
             self.store.delete(table, key)
             return Response(status_code=204), 1
         raise DataverseError(405, "0x80060888", f"{method} is not supported on a record")
+
+    async def _batch(self, request: Request) -> tuple[Response, int]:
+        parts = batch.parse(await request.body(), request.headers.get("content-type", ""), API)
+        written = 0
+
+        async def run(inner: batch.InnerRequest) -> batch.InnerResponse:
+            nonlocal written
+            scope = {
+                "type": "http",
+                "method": inner.method,
+                "path": f"{API}/{inner.path}",
+                "raw_path": f"{API}/{inner.path}".encode(),
+                "query_string": inner.query.encode(),
+                "headers": [(k.encode(), v.encode()) for k, v in inner.headers.items()],
+                "scheme": request.url.scheme,
+                "server": (request.url.hostname, request.url.port),
+                "root_path": "",
+                "http_version": "1.1",
+            }
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": inner.body, "more_body": False}
+
+            try:
+                response, count = await self._dispatch(Request(scope, receive), inner.path)
+            except DataverseError as err:
+                return batch.InnerResponse(
+                    err.status, {"Content-Type": "application/json"}, json.dumps(err.body()).encode()
+                )
+            written += count
+            headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+            return batch.InnerResponse(response.status_code, headers, bytes(response.body))
+
+        continue_on_error = "odata.continue-on-error" in request.headers.get("prefer", "")
+        body, content_type = await batch.execute(
+            parts, run, transaction=self.store.transaction, continue_on_error=continue_on_error
+        )
+        return Response(body, status_code=200, media_type=content_type), written
 
     def _maybe_reject(self, table: Table, payload: dict[str, Any], key: dict[str, Any] | None = None) -> None:
         """The profile's reject_rate: decided per record (not per attempt), so retries and bisection agree."""

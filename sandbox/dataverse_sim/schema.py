@@ -114,6 +114,7 @@ INVOICE_DETAIL = Table(
     primary_id="invoicedetailid",
     primary_name="productdescription",
     alternate_key=("bcs_billinglineid",),
+    bulk_messages=False,  # like some standard tables, no UpsertMultiple here: clients use $batch
     columns=(
         *_system("invoicedetailid"),
         Column("bcs_billinglineid", "string", 100),

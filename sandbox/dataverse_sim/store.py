@@ -63,6 +63,7 @@ class DataverseStore:
         self._db = sqlite3.connect(str(db) if db else ":memory:", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._version = 1000
+        self._savepoint = 0
         for table in TABLES.values():
             cols = ", ".join(
                 f'"{c.name}" {_SQL_TYPES[c.type]}' + (" PRIMARY KEY" if c.name == table.primary_id else "")
@@ -82,15 +83,18 @@ class DataverseStore:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All or nothing, as a bulk message on a standard table."""
+        """All or nothing (a bulk message on a standard table, a $batch change set); may nest."""
         with self._lock:
-            self._db.execute("BEGIN")
+            self._savepoint += 1
+            name = f"sp{self._savepoint}"
+            self._db.execute(f"SAVEPOINT {name}")
             try:
                 yield
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute(f"ROLLBACK TO {name}")
+                self._db.execute(f"RELEASE {name}")
                 raise
-            self._db.execute("COMMIT")
+            self._db.execute(f"RELEASE {name}")
 
     # ---- reading ----
 

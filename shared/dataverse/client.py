@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ class Credential(Protocol):
 class TableRef:
     logical_name: str
     entity_set: str
+    bulk: bool = True  # UpsertMultiple enabled; otherwise rows go as PATCH upserts in a $batch
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,8 @@ class Identity:
         self.limits = limits
         self.limit = AdaptiveLimit(1, max_concurrency)
         self.blocked_until = 0.0
-        self.cost_ms: float | None = None  # moving average of a request's duration: what in-flight work will spend
+        self.cost_ms: float | None = None  # moving average of what one request spends of the execution budget
+        self._last_time_left: tuple[float, int] | None = None  # (when, ms left) from the previous answer
         self._token: str | None = None
         self._expires_on = 0.0
         self._lock = asyncio.Lock()
@@ -180,17 +185,18 @@ class Identity:
         rate) and then probes with one request. Above it, concurrency is capped so that the requests in flight
         (each costing about the moving average of a request's duration) fit in what is left above the floor.
         """
-        self.cost_ms = duration_ms if self.cost_ms is None else 0.8 * self.cost_ms + 0.2 * duration_ms
         requests_left = _header_int(response, "x-ms-ratelimit-burst-remaining-xrm-requests")
         time_left = _header_int(response, "x-ms-ratelimit-time-remaining-xrm-requests")
+        self._learn_cost(time_left, duration_ms)
         pause = self.limits.pause_for(requests_left, time_left)
         if pause is not None:
             self.limit.limit = 1.0  # after the pause, one request probes the refilled window before others follow
             self.block(pause)
             return
         caps = []
-        if time_left is not None and self.cost_ms > 0:
-            caps.append((time_left - self.limits.floor * self.limits.execution_ms) / self.cost_ms)
+        cost = self.cost_ms
+        if time_left is not None and cost is not None and cost > 0:
+            caps.append((time_left - self.limits.floor * self.limits.execution_ms) / cost)
         if requests_left is not None:
             caps.append(requests_left - self.limits.floor * self.limits.requests)
         cap = max(1.0, min(caps)) if caps else float(self.limit.maximum)
@@ -198,6 +204,23 @@ class Identity:
             self.limit.limit = cap
         elif self.limits.roomy(requests_left, time_left):
             self.limit.on_success()
+
+    def _learn_cost(self, time_left: int | None, duration_ms: float) -> None:
+        """A request's cost: the drop in the remaining time between two answers (each answer adds its own charge),
+        plus what the window refilled meanwhile; the request's duration (an over-estimate) until headers come."""
+        now = time.monotonic()
+        sample: float | None = None
+        if time_left is not None and self._last_time_left is not None:
+            then, before = self._last_time_left
+            refilled = self.limits.execution_ms / self.limits.window_s * (now - then)
+            drop = before - time_left + refilled
+            sample = drop if 0 < drop < 10 * duration_ms else None
+        if time_left is not None:
+            self._last_time_left = (now, time_left)
+        if sample is None and self.cost_ms is not None:
+            return
+        value = sample if sample is not None else duration_ms
+        self.cost_ms = value if self.cost_ms is None else 0.8 * self.cost_ms + 0.2 * value
 
     async def wait_unblocked(self, sleep: Sleep) -> None:
         while (remaining := self.blocked_until - time.monotonic()) > 0:
@@ -335,7 +358,8 @@ class DataverseClient:
         unique, outcomes = self.dedupe(rows)
         size = max(1, self.config.chunk_size)
         chunks = [unique[i : i + size] for i in range(0, len(unique), size)]
-        results = await asyncio.gather(*(self._write_chunk(table, chunk) for chunk in chunks))
+        write = self._write_chunk if table.bulk else self._write_batch
+        results = await asyncio.gather(*(write(table, chunk) for chunk in chunks))
         for result in results:
             outcomes.extend(result)
         self.stats.rows_written += sum(o.status == "written" for o in outcomes)
@@ -366,6 +390,53 @@ class DataverseClient:
             return halves[0] + halves[1]
         ids = response.json().get("Ids") or [None] * len(rows)
         return [RowOutcome(r, "written", record_id=i) for r, i in zip(rows, ids, strict=False)]
+
+    async def _write_batch(self, table: TableRef, rows: list[UpsertRow]) -> list[RowOutcome]:
+        """Upserts as PATCH requests in one `$batch` (continue on error): each row gets its own answer."""
+        pending: list[UpsertRow] = list(rows)
+        done: list[RowOutcome] = []
+        for _round in range(3):
+            boundary = f"batch_{uuid.uuid4()}"
+            parts = [
+                f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+                f"Content-ID: {i + 1}\r\n\r\nPATCH {record_path(table.entity_set, row.key)} HTTP/1.1\r\n"
+                f"Content-Type: application/json\r\n\r\n{json.dumps({**row.values, **row.key})}\r\n"
+                for i, row in enumerate(pending)
+            ]
+            body = "".join(parts) + f"--{boundary}--\r\n"
+            headers = {"Content-Type": f"multipart/mixed; boundary={boundary}", "Prefer": "odata.continue-on-error"}
+            try:
+                response = await self._send(
+                    "POST", "$batch", operation=f"$batch {table.entity_set}", content=body.encode(), headers=headers
+                )
+            except AuthError:
+                raise
+            except (TransientError, FatalError) as exc:
+                return done + [RowOutcome(r, "failed", error=exc.to_dict()) for r in pending]
+            answers = parse_batch_response(response)
+            retry: list[UpsertRow] = []
+            for index, row in enumerate(pending):
+                if index >= len(answers):
+                    retry.append(row)
+                    continue
+                status, part_headers, part_body = answers[index]
+                if 200 <= status < 300:
+                    entity = part_headers.get("odata-entityid", "")
+                    record_id = entity[entity.rfind("(") + 1 : -1] if entity.endswith(")") else None
+                    done.append(RowOutcome(row, "written", record_id=record_id))
+                elif status == 429 or status >= 500:
+                    retry.append(row)
+                else:
+                    code, message = _part_error(part_body)
+                    error = {"status_code": status, "code": code, "message": message, "type": "FatalError"}
+                    done.append(RowOutcome(row, "rejected", error=error))
+            if not retry:
+                return done
+            pending = retry
+            await self._sleep(self.config.retry.wait(_round + 1, None))
+        return done + [
+            RowOutcome(r, "failed", error={"message": "no answer in $batch after 3 rounds"}) for r in pending
+        ]
 
     async def delete(self, table: TableRef, key: Mapping[str, Any]) -> bool:
         """Delete one record by key; False when it was not there."""
@@ -412,6 +483,36 @@ class DataverseClient:
             body = response.json()
             yield list(body.get("value") or [])
             url, params = body.get("@odata.nextLink"), {}
+
+
+def parse_batch_response(response: httpx.Response) -> list[tuple[int, dict[str, str], bytes]]:
+    """The inner answers of a `$batch` response, in order: (status, headers in lower case, body)."""
+    match = re.search(r'boundary="?([^";]+)"?', response.headers.get("content-type", ""))
+    if not match:
+        raise TransientError("dataverse $batch: the answer is not multipart", system=SYSTEM)
+    answers = []
+    for blob in response.content.split(b"--" + match.group(1).encode())[1:-1]:
+        text = blob.replace(b"\r\n", b"\n").strip(b"\n")
+        _, _, http = text.partition(b"\n\n")
+        status_line, _, rest = http.partition(b"\n")
+        head, _, body = rest.partition(b"\n\n")
+        fields = status_line.split()
+        status = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 500
+        headers = {}
+        for line in head.decode("utf-8", "replace").split("\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        answers.append((status, headers, body.strip()))
+    return answers
+
+
+def _part_error(body: bytes) -> tuple[str | None, str]:
+    try:
+        err = json.loads(body).get("error", {})
+    except (ValueError, AttributeError):
+        return None, body[:200].decode("utf-8", "replace")
+    return err.get("code"), str(err.get("message", ""))[:500]
 
 
 def _row_error(exc: SyncError) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import ssl
@@ -269,3 +270,51 @@ def test_cli_serves_https_with_its_ca_until_sigterm(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 0
     finally:
         stop(proc)
+
+
+def _batch(parts: list[str], boundary: str = "batch_t") -> str:
+    body = ""
+    for part in parts:
+        body += f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n{part}\r\n"
+    return body + f"--{boundary}--\r\n"
+
+
+def _patch(number: str, name: str) -> str:
+    return f"PATCH accounts(accountnumber='{number}') HTTP/1.1\r\nContent-Type: application/json\r\n\r\n" + json.dumps(
+        {"name": name}
+    )
+
+
+@pytest.mark.parametrize(("prefer", "written"), [("", {"BT-1"}), ("odata.continue-on-error", {"BT-1", "BT-3"})])
+def test_batch_stops_at_the_first_error_unless_asked_to_go_on(
+    dv: RunningDataverse, prefer: str, written: set[str]
+) -> None:
+    suffix = prefer.replace(".", "")[-5:]
+    numbers = [f"BT-1{suffix}", f"BT-2{suffix}", f"BT-3{suffix}"]
+    body = _batch([_patch(numbers[0], "ok"), _patch(numbers[1], "y" * 200), _patch(numbers[2], "ok")])
+    headers = {"Content-Type": "multipart/mixed; boundary=batch_t", "Prefer": prefer}
+    with client(dv) as http:
+        response = http.post("$batch", content=body, headers=headers)
+        present = {
+            n.replace(suffix, "") for n in numbers if http.get(f"accounts(accountnumber='{n}')").status_code == 200
+        }
+    assert response.status_code == 200
+    assert response.text.count("HTTP/1.1 ") == (3 if prefer else 2)
+    assert present == written
+
+
+def test_malformed_or_oversized_batches_are_refused(dv: RunningDataverse) -> None:
+    with client(dv) as http:
+        no_boundary = http.post("$batch", content=b"x", headers={"Content-Type": "application/json"})
+        unclosed = http.post(
+            "$batch",
+            content=b"--b\r\n\r\nGET WhoAmI HTTP/1.1\r\n",
+            headers={"Content-Type": "multipart/mixed; boundary=b"},
+        )
+        huge = http.post(
+            "$batch",
+            content=_batch(["GET WhoAmI HTTP/1.1\r\n\r\n"] * 1001),
+            headers={"Content-Type": "multipart/mixed; boundary=batch_t"},
+        )
+    assert [no_boundary.status_code, unclosed.status_code, huge.status_code] == [400, 400, 400]
+    assert "at most 1000" in huge.json()["error"]["message"]

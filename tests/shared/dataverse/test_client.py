@@ -219,3 +219,49 @@ async def test_at_the_service_protection_ceiling_nothing_is_lost_and_few_request
     assert outcome.written == 30_000
     assert outcome.distinct_in_store == 30_000  # nothing lost, nothing duplicated
     assert outcome.share_429 < 0.02
+
+
+async def test_tables_without_bulk_messages_go_through_batch_with_an_answer_per_row(dv: RunningDataverse) -> None:
+    lines = TableRef("invoicedetail", "invoicedetails", bulk=False)
+    async with make_client(dv, chunk_size=50) as client:
+        await client.upsert_many(ACCOUNTS, [account("BL-P")])
+        await client.upsert_many(
+            INVOICES,
+            [
+                UpsertRow(
+                    {"invoicenumber": "BL-I"},
+                    {"name": "i", "customerid_account@odata.bind": bind("accounts", {"accountnumber": "BL-P"})},
+                )
+            ],
+        )
+        parent = bind("invoices", {"invoicenumber": "BL-I"})
+        rows = [
+            UpsertRow(
+                {"bcs_billinglineid": f"il/{i} & 'x'"},
+                {"invoiceid@odata.bind": parent, "quantity": i, "productdescription": f"line {i}"},
+            )
+            for i in range(120)
+        ]
+        rows[7] = UpsertRow(
+            {"bcs_billinglineid": "il/7 & 'x'"}, {"invoiceid@odata.bind": parent, "productdescription": "p" * 600}
+        )
+        rows[99] = UpsertRow(
+            {"bcs_billinglineid": "il/99 & 'x'"}, {"invoiceid@odata.bind": bind("invoices", {"invoicenumber": "NONE"})}
+        )
+        outcomes = await client.upsert_many(lines, rows)
+        requests = client.stats.requests
+        stored = [r async for page in client.read_pages(lines, select=["bcs_billinglineid"]) for r in page]
+    by_key = {o.row.key["bcs_billinglineid"]: o for o in outcomes}
+    assert sum(o.status == "written" for o in outcomes) == 118
+    assert (by_key["il/7 & 'x'"].error or {})["code"] == "0x80044331"
+    assert (by_key["il/99 & 'x'"].error or {})["code"] == "0x80040217"
+    assert requests == 2 + 3  # two parents, three $batch requests of at most 50 rows
+    assert {r["bcs_billinglineid"] for r in stored} >= {f"il/{i} & 'x'" for i in (0, 1, 50, 119)}
+
+
+async def test_bulk_messages_are_refused_where_the_table_has_none(dv: RunningDataverse) -> None:
+    lines = TableRef("invoicedetail", "invoicedetails", bulk=True)  # misconfigured on purpose
+    async with make_client(dv) as client:
+        outcomes = await client.upsert_many(lines, [UpsertRow({"bcs_billinglineid": "x"}, {"quantity": 1})])
+    assert outcomes[0].status == "rejected"
+    assert "UpsertMultiple is not enabled" in (outcomes[0].error or {})["message"]
