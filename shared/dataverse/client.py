@@ -124,7 +124,7 @@ class ProtectionLimits:
     window_s: float = 300.0
     requests: int = 6000
     execution_ms: float = 1_200_000.0
-    floor: float = 0.03  # keep this share of each budget in hand: in-flight requests spend from it
+    floor: float = 0.02  # keep this share of each budget in hand: in-flight requests spend from it
 
     def pause_for(self, requests_left: int | None, time_left_ms: float | None) -> float | None:
         """Seconds to wait so that the window refills back to the floor; None when there is room to spare."""
