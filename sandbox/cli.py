@@ -18,7 +18,7 @@ import typer
 from sandbox.azurite import DEFAULT_PORTS, ROOT, Azurite, AzuriteError
 from sandbox.billing_sim.run import billing_server
 from sandbox.dataverse_sim.run import dataverse_server
-from sandbox.faults import FaultProfileError, load_profile
+from sandbox.faults import FaultProfile, FaultProfileError, load_profile
 from sandbox.host.errors import HostStartupError
 from sandbox.host.runtime import HostOptions, LocalHost, default_settings_file
 from sandbox.platform_demo import run_platform_demo
@@ -49,6 +49,13 @@ def _logging(verbose: bool) -> None:
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=2)
+
+
+def _profile(faults: str | None) -> FaultProfile:
+    try:
+        return load_profile(faults)
+    except FaultProfileError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _wait_for_signal() -> None:
@@ -103,10 +110,7 @@ def _host_options(
     lease_seconds: float,
     drain_seconds: float,
 ) -> HostOptions:
-    try:
-        profile = load_profile(faults)
-    except FaultProfileError as exc:
-        raise _fail(str(exc)) from None
+    profile = _profile(faults)
     return HostOptions(
         app_dir=app_dir,
         settings_file=settings if settings is not None else default_settings_file(app_dir),
@@ -207,10 +211,7 @@ def billing_sim(
 ) -> None:
     """The billing platform simulator alone. API key: $BILLING_API_KEY, else .local/secrets/billing-api-key."""
     _logging(verbose)
-    try:
-        profile = load_profile(faults)
-    except FaultProfileError as exc:
-        raise _fail(str(exc)) from None
+    profile = _profile(faults)
     api_key = _local_secret("billing-api-key", "BILLING_API_KEY")
     webhook_secret = _local_secret("billing-webhook-secret", "BILLING_WEBHOOK_SECRET")
     with billing_server(
@@ -241,10 +242,7 @@ def dataverse_sim(
 ) -> None:
     """The Dataverse Web API simulator alone, over HTTPS. Client secret: $DATAVERSE_CLIENT_SECRET, else generated."""
     _logging(verbose)
-    try:
-        profile = load_profile(faults)
-    except FaultProfileError as exc:
-        raise _fail(str(exc)) from None
+    profile = _profile(faults)
     secret = _local_secret("dataverse-client-secret", "DATAVERSE_CLIENT_SECRET")
     with dataverse_server(client_secret=secret, profile=profile, db=db, ca_dir=ca_dir, port=port) as running:
         print(f"Dataverse simulator listening on {running.url} (Web API: {running.api})", flush=True)

@@ -95,6 +95,7 @@ class AppFactory:
         """Copy tests/apps/<template> with its own host.json and settings. Returns (app dir, settings, records)."""
         app_dir = self.tmp_path / f"{template}-{uuid.uuid4().hex[:6]}"
         shutil.copytree(APPS / template, app_dir)
+        shutil.copy(APPS / "recorder.py", app_dir / "recorder.py")  # each app imports it from its own folder
         host_json: dict[str, Any] = {"version": "2.0", **(host or {})}
         if queues is not None:
             host_json.setdefault("extensions", {})["queues"] = queues

@@ -32,6 +32,7 @@ from starlette.routing import Route
 from sandbox.billing_sim.openapi import openapi_document
 from sandbox.billing_sim.store import ENTITIES, Entity, Store, iso, to_api
 from sandbox.faults import BillingFaults
+from sandbox.outages import Drop, OutageClock
 
 log = logging.getLogger("sandbox.billing")
 MAX_BULK = 100
@@ -61,10 +62,6 @@ class TokenBucket:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
-
-
-class _Drop(Exception):
-    """Abort the connection after the status line: the client sees a transport error, as in an outage."""
 
 
 @dataclass
@@ -98,7 +95,7 @@ class BillingSimulator:
         self.webhook_url = webhook_url
         self.webhook_secret = webhook_secret
         self.stats = Stats()
-        self.first_request: float | None = None
+        self.clock = OutageClock(self.faults.outages)
         rl = self.faults.rate_limit
         self.bucket = TokenBucket(rl.requests_per_second, rl.burst) if rl else None
         self._events: asyncio.Queue[dict[str, Any]] | None = None
@@ -127,31 +124,25 @@ class BillingSimulator:
 
         if scope["path"].startswith("/v1/"):
             self._on_first_request()
-            if self._in_outage():
+            if self.clock.down():
                 # Outside Starlette, so no error middleware turns it into a 500: the status line goes out, then
                 # the connection is cut, and the client sees a transport error as in a real outage.
                 self.stats.outage_drops += 1
                 await tracking_send({"type": "http.response.start", "status": 503, "headers": []})
-                raise _Drop
+                raise Drop
         await self.app(scope, receive, tracking_send)
 
     # ---- faults ----
 
     def _on_first_request(self) -> None:
-        if self.first_request is not None:
+        if not self.clock.start():
             return
-        self.first_request = time.monotonic()
         loop = asyncio.get_running_loop()
         if self.faults.mutations_per_second > 0:
             self._background.append(loop.create_task(self._mutate_forever()))
         if self.webhook_url:
             self._events = asyncio.Queue()
             self._background.append(loop.create_task(self._deliver_webhooks()))
-
-    def _in_outage(self) -> bool:
-        assert self.first_request is not None  # noqa: S101
-        elapsed = time.monotonic() - self.first_request
-        return any(o.start_s <= elapsed < o.start_s + o.duration_s for o in self.faults.outages)
 
     async def _faults(self, request: Request, *, silent_ok: bool) -> Response | None:
         """Apply the profile to one API request. Returns a response to send instead, or None to go on."""

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.billing_sim.app import BillingSimulator, _Drop
+from sandbox.billing_sim.app import BillingSimulator
 from sandbox.billing_sim.store import Store
 from sandbox.faults import FaultProfile
 from sandbox.servers import ThreadedServer
-
-
-class _HideDrops(logging.Filter):
-    """Outages abort connections on purpose; uvicorn would log each one as an application error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], _Drop))
-
-
-logging.getLogger("uvicorn.error").addFilter(_HideDrops())
 
 
 @dataclass

@@ -29,16 +29,13 @@ from sandbox.dataverse_sim.protection import Protection
 from sandbox.dataverse_sim.schema import BY_SET, TABLES, Table
 from sandbox.dataverse_sim.store import DataverseError, DataverseStore, not_found, to_json
 from sandbox.faults import DataverseFaults
+from sandbox.outages import Drop, OutageClock
 
 API = "/api/data/v9.2"
 MAX_PAGE = 5000
 BULK_ACTIONS = ("UpsertMultiple", "CreateMultiple", "UpdateMultiple")
 _ENTITY = re.compile(r"^(?P<set>\w+)(?:\((?P<key>.*)\))?(?:/Microsoft\.Dynamics\.CRM\.(?P<action>\w+))?$")
 _DEFINITION = re.compile(r"^EntityDefinitions\(LogicalName='(?P<name>\w+)'\)(?P<rest>/.*)?$")
-
-
-class _Drop(Exception):
-    """Cut the connection after the status line (an outage)."""
 
 
 def odata_error(err: DataverseError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -76,7 +73,7 @@ class DataverseSimulator:
         self.dop_hint = dop_hint
         self.protection = Protection(self.faults.service_protection) if self.faults.service_protection else None
         self.stats = Stats()
-        self.first_request: float | None = None
+        self.clock = OutageClock(self.faults.outages)
 
     # ---- tokens ----
 
@@ -145,12 +142,11 @@ class DataverseSimulator:
 
         request = Request(scope, receive)
         if path.startswith(API):
-            if self.first_request is None:
-                self.first_request = time.monotonic()
-            if self._in_outage():
+            self.clock.start()
+            if self.clock.down():
                 self.stats.outage_drops += 1
                 await tracking_send({"type": "http.response.start", "status": 503, "headers": []})
-                raise _Drop
+                raise Drop
             response = await self._api(request, path[len(API) :].lstrip("/"))
         elif path.endswith("/oauth2/v2.0/token") and scope["method"] == "POST":
             response = await self.token_endpoint(request)
@@ -161,11 +157,6 @@ class DataverseSimulator:
         else:
             response = JSONResponse({"error": {"code": "0x80060888", "message": f"No route for {path}"}}, 404)
         await response(scope, receive, tracking_send)
-
-    def _in_outage(self) -> bool:
-        assert self.first_request is not None  # noqa: S101
-        elapsed = time.monotonic() - self.first_request
-        return any(o.start_s <= elapsed < o.start_s + o.duration_s for o in self.faults.outages)
 
     async def _api(self, request: Request, rest: str) -> Response:
         identity = self.identity(request)

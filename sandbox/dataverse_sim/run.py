@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.dataverse_sim.app import DataverseSimulator, _Drop
+from sandbox.dataverse_sim.app import DataverseSimulator
 from sandbox.dataverse_sim.schema import TABLES, Table
 from sandbox.dataverse_sim.store import DataverseStore
 from sandbox.dataverse_sim.tls import LocalTls, make_tls
 from sandbox.faults import FaultProfile
 from sandbox.servers import ThreadedServer
 
-
-class _HideDrops(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], _Drop))
-
-
-logging.getLogger("uvicorn.error").addFilter(_HideDrops())
 TENANT = "00000000-0000-0000-0000-00000000b111"
 
 

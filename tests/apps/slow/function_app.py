@@ -14,5 +14,5 @@ def slow(msg: func.QueueMessage) -> None:
     body = msg.get_body().decode("utf-8")
     record(event="start", id=msg.id, body=body, dequeue_count=msg.dequeue_count)
     _, _, seconds = body.partition("|")
-    time.sleep(float(seconds or os.environ.get("SLEEP_S", "0.5")))
+    time.sleep(float(seconds or os.environ.get("SLEEP_S", "0.5")))  # the slow work under test, not a test's wait
     record(event="end", id=msg.id, body=body)
