@@ -22,6 +22,7 @@ from sandbox.faults import FaultProfile, FaultProfileError, load_profile
 from sandbox.host.errors import HostStartupError
 from sandbox.host.runtime import HostOptions, LocalHost, default_settings_file
 from sandbox.platform_demo import run_platform_demo
+from shared.mapping import render_markdown
 
 cli = typer.Typer(
     help="The local platform of billing-crm-sync: Azurite, the simulators and a local Functions host.",
@@ -250,6 +251,19 @@ def dataverse_sim(
         print(f"  token endpoint: {running.url}/{running.tenant_id}/oauth2/v2.0/token (any client id)")
         print(f"  client secret in {ROOT / '.local' / 'secrets' / 'dataverse-client-secret'}", flush=True)
         _wait_for_signal()
+
+
+@cli.command("data-dictionary")
+def data_dictionary(
+    write: Annotated[bool, typer.Option(help="Write docs/data-dictionary.md instead of printing it.")] = False,
+) -> None:
+    """The data dictionary generated from shared/mapping.py."""
+    text = render_markdown()
+    if write:
+        (ROOT / "docs" / "data-dictionary.md").write_text(text, encoding="utf-8")
+        print(f"wrote {ROOT / 'docs' / 'data-dictionary.md'}")
+    else:
+        print(text)
 
 
 @cli.command()
