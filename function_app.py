@@ -1,12 +1,51 @@
-"""The Functions app: a table of contents. Decorators only; every function makes one call into `shared/`."""
+"""The Functions app: a table of contents. Decorators only; every function makes one call into `shared/`.
+
+Settings are validated here, at start-up: a missing or invalid one stops the app with a message naming it.
+"""
 
 import azure.functions as func
 
-from shared import health
+from shared import admin, fanout, worker
+from shared.observability import configure_telemetry
+from shared.runtime import get_runtime
+from shared.settings import load_settings
+
+SETTINGS = load_settings()
+configure_telemetry(SETTINGS)
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
+@app.timer_trigger(schedule="%SYNC_SCHEDULE%", arg_name="timer", use_monitor=True)
+async def fan_out(timer: func.TimerRequest) -> None:
+    await fanout.fan_out(await get_runtime(SETTINGS))
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%SYNC_QUEUE%", connection="AzureWebJobsStorage")
+async def sync_batch(msg: func.QueueMessage) -> None:
+    await worker.handle(await get_runtime(SETTINGS), msg.get_body(), dequeue_count=msg.dequeue_count or 1)
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%SYNC_QUEUE%-poison", connection="AzureWebJobsStorage")
+async def poison_to_dlq(msg: func.QueueMessage) -> None:
+    await admin.handle_poison(await get_runtime(SETTINGS), msg.get_body(), dequeue_count=msg.dequeue_count or 1)
+
+
+@app.route(route="dlq", methods=["GET"])
+async def dlq_list(req: func.HttpRequest) -> func.HttpResponse:
+    return await admin.list_dlq(await get_runtime(SETTINGS), req)
+
+
+@app.route(route="dlq/reprocess", methods=["POST"])
+async def dlq_reprocess(req: func.HttpRequest) -> func.HttpResponse:
+    return await admin.reprocess(await get_runtime(SETTINGS), req)
+
+
 @app.route(route="health", methods=["GET"])
-def health_check(req: func.HttpRequest) -> func.HttpResponse:
-    return health.respond()
+async def health_check(req: func.HttpRequest) -> func.HttpResponse:
+    return await admin.health(await get_runtime(SETTINGS))
+
+
+@app.route(route="webhooks/billing", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+async def billing_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    return await admin.receive_webhook(await get_runtime(SETTINGS), req)

@@ -20,6 +20,7 @@ from sandbox.host.errors import HostStartupError
 TRIGGERS = ("queueTrigger", "timerTrigger", "httpTrigger")
 OUTPUTS = ("http", "queue")
 SCRIPT_FILE_SETTING = "PYTHON_SCRIPT_FILE_NAME"
+_PRELOADED: dict[str, set[str]] = {}  # app folder -> the modules imported before the app was first loaded
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def load_app(app_dir: Path, script_name: str = "function_app.py") -> list[Functi
         raise HostStartupError(f"{script}: not found (the Python v2 model needs {script_name} in the app folder)")
     if str(app_dir) not in sys.path:
         sys.path.insert(0, str(app_dir))  # the worker puts the app root on sys.path, so `import shared` works
+    _PRELOADED.setdefault(str(app_dir), set(sys.modules))
     module_name = f"_localhost_app_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(module_name, script)
     if spec is None or spec.loader is None:
@@ -127,11 +129,17 @@ def _to_spec(function: Any, script: Path) -> FunctionSpec:
 
 
 def unload_app(app_dir: Path) -> None:
-    """Undo what load_app did to the interpreter: the app folder on sys.path and the modules imported from it."""
+    """Undo what load_app did to the interpreter: the app folder on sys.path and the modules it imported from there.
+
+    Modules that were imported before the app was loaded stay: whoever imported them (a test, the sandbox running
+    the host in-process) keeps using the same module objects."""
     app_dir = app_dir.resolve()
+    preloaded = _PRELOADED.pop(str(app_dir), set())
     while str(app_dir) in sys.path:
         sys.path.remove(str(app_dir))
     for name, module in list(sys.modules.items()):
+        if name in preloaded:
+            continue
         file = getattr(module, "__file__", None)
         if file and Path(file).resolve().is_relative_to(app_dir):
             del sys.modules[name]

@@ -103,6 +103,7 @@ class BillingClient:
         breaker: Breaker | None = None,
         sleep: Sleep | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: Any = True,
     ) -> None:
         self.config = config
         self.breaker = breaker
@@ -116,6 +117,7 @@ class BillingClient:
             timeout=httpx.Timeout(config.timeout_s),
             limits=httpx.Limits(max_connections=max(8, config.bulk_concurrency * 2)),
             transport=transport,
+            verify=verify,
         )
 
     async def aclose(self) -> None:
@@ -177,6 +179,10 @@ class BillingClient:
 
     def paginator(self, since: str) -> Paginator:
         return CursorPaginator(since) if self.config.pagination == "cursor" else KeysetOverOffset(since)
+
+    async def list_page(self, entity: Entity, params: dict[str, str], *, expect_records: bool) -> Page:
+        """One light page; an empty page where records are due is silent throttling (raised, retried)."""
+        return await self._page(entity, params, expect_records=expect_records)
 
     async def _page(self, entity: Entity, params: dict[str, str], *, expect_records: bool) -> Page:
         query = {**params, "limit": str(self.config.page_size), "fields": "id,updated_at,version"}

@@ -81,6 +81,15 @@ class Paginator(ABC):
         self._asked.add(tuple(sorted(params.items())))
         return params
 
+    def resume(self, params: dict[str, str]) -> dict[str, str]:
+        """Go on from a checkpoint: `params` are the next request's, as `next_params` gave them."""
+        self._restore(params)
+        self._asked.add(tuple(sorted(params.items())))
+        return params
+
+    def _restore(self, params: dict[str, str]) -> None:
+        """Set the strategy's state from a request's parameters (stateless strategies need nothing)."""
+
 
 class CursorPaginator(Paginator):
     def __init__(self, since: str) -> None:
@@ -136,6 +145,10 @@ class KeysetOverOffset(Paginator):
 
     def first(self) -> dict[str, str]:
         return self._params()
+
+    def _restore(self, params: dict[str, str]) -> None:
+        self._window = params.get("updated_since", self.since)
+        self._offset = int(params.get("offset", "0"))
 
     def advance(self, page: Page) -> dict[str, str] | None:
         if not page.has_more:

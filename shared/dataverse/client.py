@@ -19,6 +19,7 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class RowOutcome:
 @dataclass
 class ClientStats:
     requests: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)  # answers by status code ("transport-error" too)
     throttled: int = 0
     unauthorized_refreshes: int = 0
     bisections: int = 0
@@ -304,7 +306,9 @@ class DataverseClient:
             try:
                 response = await self._http.request(method, path, headers=headers, **kwargs)
             except httpx.HTTPError as exc:
+                self.stats.statuses["transport-error"] += 1
                 raise transport_error(exc, system=SYSTEM, operation=operation) from None
+            self.stats.statuses[str(response.status_code)] += 1
             if response.status_code == 401 and not refreshed:
                 self.stats.unauthorized_refreshes += 1
                 kwargs["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}

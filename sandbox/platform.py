@@ -1,0 +1,218 @@
+"""The whole local platform in one process: Azurite, both simulators, and the local host running `function_app.py`.
+
+Used by `python -m sandbox demo` and `up`, and by the end-to-end tests. Nothing is mocked: the app talks to the
+billing simulator over HTTP, to the Dataverse simulator over HTTPS (with the local test CA), and to Azurite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from azure.storage.queue.aio import QueueClient
+
+from sandbox.azurite import ROOT, Azurite
+from sandbox.billing_sim.run import RunningBilling, billing_server
+from sandbox.dataverse_sim.run import RunningDataverse, dataverse_server
+from sandbox.faults import FaultProfile
+from sandbox.host.runtime import HostOptions, LocalHost
+from shared.runtime import close_runtime
+
+log = logging.getLogger("sandbox.platform")
+NEVER = "0 0 0 1 1 *"  # once a year: the demo and the tests fire fan_out themselves
+
+
+@dataclass
+class PlatformOptions:
+    records: int = 1000
+    seed: int = 1
+    profile: FaultProfile = field(default_factory=FaultProfile)
+    billing_db: Path | None = None
+    dataverse_db: Path | None = None
+    schedule: str = NEVER
+    http_port: int = 0
+    work_dir: Path | None = None
+    settings: dict[str, str] = field(default_factory=dict)  # extra or overriding app settings
+    lease_s: float = 600
+    identities: int = 1
+
+
+@dataclass
+class Platform:
+    options: PlatformOptions
+    azurite: Azurite
+    billing: RunningBilling
+    dataverse: RunningDataverse
+    host: LocalHost
+    settings: dict[str, str]
+    work_dir: Path
+
+    @property
+    def conn(self) -> str:
+        return self.azurite.connection_string
+
+    @property
+    def queue_name(self) -> str:
+        return self.settings["SYNC_QUEUE"]
+
+    def queue(self, name: str | None = None) -> QueueClient:
+        from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy  # noqa: PLC0415
+
+        return QueueClient.from_connection_string(
+            self.conn,
+            name or self.queue_name,
+            message_encode_policy=TextBase64EncodePolicy(),
+            message_decode_policy=TextBase64DecodePolicy(),
+        )
+
+    async def fan_out(self) -> bool:
+        """Fire the timer function once, as the schedule would."""
+        return await self.host.timer_listeners["fan_out"].fire(past_due=False)
+
+    async def queue_depth(self, name: str | None = None) -> int:
+        async with self.queue(name) as client:
+            with contextlib.suppress(Exception):
+                props = await client.get_queue_properties()
+                return int(props.approximate_message_count or 0)
+        return 0
+
+    def in_flight(self) -> int:
+        return sum(listener.in_flight for listener in self.host.queue_listeners)
+
+    async def wait_idle(self, *, timeout_s: float = 600, settle_s: float = 1.5) -> None:
+        """Until both queues are empty and nothing runs, for `settle_s` in a row (deferred messages count: they
+        sit invisible in the queue)."""
+        deadline = time.monotonic() + timeout_s
+        quiet_since: float | None = None
+        while time.monotonic() < deadline:
+            busy = self.in_flight() or await self.queue_depth() or await self.queue_depth(f"{self.queue_name}-poison")
+            if busy:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= settle_s:
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"the sync did not finish within {timeout_s:.0f} s")
+
+    async def sync_until_complete(self, *, timeout_s: float = 900) -> int:
+        """Fan out until the listing of every entity is complete, then wait for the queue to drain. Returns ticks."""
+        from shared import state  # noqa: PLC0415
+        from shared.runtime import get_runtime  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout_s
+        ticks = 0
+        while True:
+            ticks += 1
+            await self.fan_out()
+            runtime = await get_runtime(_settings_of(self.host))
+            pending = [
+                e for e in runtime.settings.entity_list if (await state.read_checkpoint(runtime.tables, e)).run_id
+            ]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("fan-out did not complete its listings in time")
+            await asyncio.sleep(1.0)
+        await self.wait_idle(timeout_s=max(30.0, deadline - time.monotonic()))
+        return ticks
+
+
+def _settings_of(host: LocalHost) -> Any:
+    """The validated settings object of the app the host loaded (function_app.SETTINGS)."""
+    spec = host.functions[0]
+    return spec.callable.__globals__["SETTINGS"]
+
+
+def app_settings(
+    conn: str, billing: RunningBilling, dataverse: RunningDataverse, options: PlatformOptions, secrets_: dict[str, str]
+) -> dict[str, str]:
+    profile = options.profile
+    rate = profile.billing.rate_limit
+    prefix = "t" + uuid.uuid4().hex[:8]
+    values = {
+        "FUNCTIONS_WORKER_RUNTIME": "python",
+        "AzureWebJobsFeatureFlags": "EnableWorkerIndexing",
+        "AzureWebJobsStorage": conn,
+        "SYNC_SCHEDULE": options.schedule,
+        "SYNC_QUEUE": f"billing-sync-{prefix[1:]}",
+        "SYNC_TABLE_PREFIX": prefix,
+        "BILLING_BASE_URL": billing.url,
+        "BILLING_API_KEY": secrets_["billing"],
+        "BILLING_WEBHOOK_SECRET": secrets_["webhook"],
+        "BILLING_PAGINATION": profile.billing.pagination,
+        "BILLING_RATE_LIMIT_RPS": str(round(rate.requests_per_second * 0.9, 2)) if rate else "50",
+        "DATAVERSE_URL": dataverse.url,
+        "DATAVERSE_TENANT_ID": dataverse.tenant_id,
+        "DATAVERSE_CLIENT_ID": ",".join(f"bcs-sync-{i + 1}" for i in range(options.identities)),
+        "DATAVERSE_CLIENT_SECRET": secrets_["dataverse"],
+        "DATAVERSE_AUTHORITY": dataverse.authority,
+        "DATAVERSE_CA_BUNDLE": str(dataverse.tls.ca_pem),
+        "SANDBOX_HOST_FUNCTION_KEY": secrets_["function_key"],
+        "SANDBOX_HOST_MASTER_KEY": secrets_["master_key"],
+    }
+    values.update(options.settings)
+    return values
+
+
+@contextlib.asynccontextmanager
+async def platform(options: PlatformOptions) -> AsyncIterator[Platform]:
+    keys = {name: secrets.token_urlsafe(24) for name in ("billing", "webhook", "dataverse", "function_key", "master_key")}
+    with contextlib.ExitStack() as stack:
+        work = options.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bcs-platform-")))
+        emulator = stack.enter_context(Azurite())
+        host_port = _free_port() if options.http_port == 0 else options.http_port
+        billing = stack.enter_context(
+            billing_server(
+                records=options.records,
+                seed=options.seed,
+                profile=options.profile,
+                api_key=keys["billing"],
+                db=options.billing_db,
+                webhook_url=f"http://127.0.0.1:{host_port}/api/webhooks/billing",
+                webhook_secret=keys["webhook"],
+            )
+        )
+        dataverse = stack.enter_context(
+            dataverse_server(client_secret=keys["dataverse"], profile=options.profile, db=options.dataverse_db)
+        )
+        settings = app_settings(emulator.connection_string, billing, dataverse, options, keys)
+        settings_file = work / "local.settings.json"
+        settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}), encoding="utf-8")
+        settings_file.chmod(0o600)
+        host_options = HostOptions(
+            app_dir=ROOT,
+            settings_file=settings_file,
+            faults=options.profile,
+            http_port=host_port,
+            lease=timedelta(seconds=options.lease_s),
+            drain_timeout=timedelta(seconds=10),
+            state_dir=work / "host",
+        )
+        host = LocalHost(host_options)
+        try:
+            await host.start()
+            yield Platform(options, emulator, billing, dataverse, host, settings, work)
+        finally:
+            await host.stop()
+            await close_runtime()
+
+
+def _free_port() -> int:
+    from sandbox.servers import bind  # noqa: PLC0415
+
+    sock = bind()
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port

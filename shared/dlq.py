@@ -1,0 +1,232 @@
+"""The dead-letter table: every record or message the sync could not deliver, with its reason. Nothing is deleted.
+
+Rows (table `deadletters`):
+
+- records: PartitionKey `record-<entity>`, RowKey the record id. One row per record, however often it fails: a
+  record that is still invalid in the next run updates its row (`last_seen`, `occurrences`), it does not add one.
+- messages: PartitionKey `message`, RowKey the batch id (or a digest of a body without one): malformed messages
+  and messages that reached the poison queue, with the body, the last error recorded for the batch and its attempts.
+
+`status` is `open` (needs an operator), `requeued` (reprocess sent it again) or `resolved` (it synced after being
+requeued). Personal data is masked before anything is stored: an email keeps its first letter and domain, a phone
+number its last four digits: enough to find the record, not enough to contact anyone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.data.tables import UpdateMode
+
+from shared.state import StateTables, from_row_key, iso, odata_string, row_key, utcnow
+
+log = logging.getLogger("shared.dlq")
+Kind = Literal["record", "message"]
+Status = Literal["open", "requeued", "resolved"]
+MAX_TEXT = 2000
+MAX_BODY = 30_000  # a Table string property holds 64 KiB (32K UTF-16 characters)
+DEPTH_CAP = 10_000
+
+_EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+_PHONE = re.compile(r"(?<![\w])(\+?\d[\d\s().-]{5,}\d)(?![\w])")
+_SECRETISH = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=: ]+|secret[\"'=: ]+|sig=|code=)([^\s\"'&,]+)")
+
+
+def mask(text: str) -> str:
+    """Emails, phone numbers and anything that looks like a credential, masked."""
+
+    def phone(match: re.Match[str]) -> str:
+        digits = re.sub(r"\D", "", match.group(1))
+        return f"***{digits[-4:]}" if len(digits) >= 7 else match.group(1)
+
+    text = _SECRETISH.sub(lambda m: m.group(1) + "***", text)
+    text = _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
+    return _PHONE.sub(phone, text)
+
+
+def _short(text: str, limit: int = MAX_TEXT) -> str:
+    text = mask(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class RecordFailure:
+    entity: str
+    record_id: str
+    reason_kind: str  # invalid (breaks the billing contract), rejected (Dataverse refused it), dependency
+    reason: str
+    error: dict[str, Any] | None = None
+
+
+async def put_records(
+    tables: StateTables, failures: Sequence[RecordFailure], *, run_id: str, batch_id: str
+) -> None:
+    """Write (or refresh) one row per failed record, status `open`."""
+    table = await tables.table("deadletters")
+    now = iso(utcnow())
+    for f in failures:
+        row = {
+            "PartitionKey": f"record-{f.entity}",
+            "RowKey": row_key(f.record_id),
+            "kind": "record",
+            "entity": f.entity,
+            "record_id": f.record_id,
+            "reason_kind": f.reason_kind,
+            "reason": _short(f.reason),
+            "error": _short(json.dumps(f.error, default=str)) if f.error else "",
+            "run_id": run_id,
+            "batch_id": batch_id,
+            "status": "open",
+            "last_seen": now,
+        }
+        await _create_or_refresh(table, row, now)
+
+
+async def put_message(
+    tables: StateTables,
+    *,
+    body: str,
+    reason_kind: str,
+    reason: str,
+    run_id: str | None,
+    batch_id: str | None,
+    entity: str | None,
+    attempts: int | None = None,
+    last_error: str | None = None,
+    first_failed: str | None = None,
+) -> str:
+    """A row for a whole message (malformed, or poisoned). Returns its RowKey."""
+    table = await tables.table("deadletters")
+    now = iso(utcnow())
+    key = row_key(batch_id) if batch_id else "body-" + hashlib.sha256(body.encode()).hexdigest()[:32]
+    row = {
+        "PartitionKey": "message",
+        "RowKey": key,
+        "kind": "message",
+        "entity": entity or "",
+        "record_id": "",
+        "reason_kind": reason_kind,
+        "reason": _short(reason),
+        "error": _short(last_error or ""),
+        "run_id": run_id or "",
+        "batch_id": batch_id or "",
+        "body": _short(body, MAX_BODY),
+        "attempts": attempts if attempts is not None else 0,
+        "first_failed": first_failed or "",
+        "status": "open",
+        "last_seen": now,
+    }
+    await _create_or_refresh(table, row, now)
+    return key
+
+
+async def _create_or_refresh(table: Any, row: dict[str, Any], now: str) -> None:
+    try:
+        await table.create_entity({**row, "first_seen": now, "occurrences": 1, "requeue_count": 0})
+        return
+    except ResourceExistsError:
+        pass
+    existing = await table.get_entity(row["PartitionKey"], row["RowKey"])
+    await table.update_entity({**row, "occurrences": int(existing.get("occurrences") or 0) + 1}, mode=UpdateMode.MERGE)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows: all of them, or by run, by reason (substring of reason_kind or reason), by record ids."""
+
+    all: bool = False
+    run_id: str | None = None
+    reason: str | None = None
+    ids: tuple[str, ...] = ()
+    entity: str | None = None
+    statuses: tuple[str, ...] = ("open",)
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        if self.statuses and row.get("status") not in self.statuses:
+            return False
+        if self.entity and row.get("entity") != self.entity:
+            return False
+        if self.run_id and row.get("run_id") != self.run_id:
+            return False
+        if self.reason:
+            needle = self.reason.lower()
+            if needle not in str(row.get("reason_kind", "")).lower() and needle not in str(row.get("reason", "")).lower():
+                return False
+        if self.ids and row.get("record_id") not in self.ids and row.get("batch_id") not in self.ids:
+            return False
+        return self.all or bool(self.run_id or self.reason or self.ids or self.entity)
+
+
+def _filter(selection: Selection) -> str | None:
+    parts = []
+    if len(selection.statuses) == 1:
+        parts.append(f"status eq {odata_string(selection.statuses[0])}")
+    if selection.run_id:
+        parts.append(f"run_id eq {odata_string(selection.run_id)}")
+    if selection.entity:
+        parts.append(f"entity eq {odata_string(selection.entity)}")
+    return " and ".join(parts) or None
+
+
+async def rows(tables: StateTables, selection: Selection, *, limit: int = 1000) -> list[dict[str, Any]]:
+    table = await tables.table("deadletters")
+    query = _filter(selection)
+    out: list[dict[str, Any]] = []
+    entities = table.query_entities(query) if query else table.list_entities()
+    async for entity in entities:
+        row = dict(entity)
+        if selection.matches(row):
+            out.append(row)
+            if len(out) >= limit:
+                break
+    return out
+
+
+async def depth(tables: StateTables) -> int:
+    """Open rows, counted up to DEPTH_CAP."""
+    table = await tables.table("deadletters")
+    count = 0
+    async for _ in table.query_entities("status eq 'open'", select=["RowKey"]):
+        count += 1
+        if count >= DEPTH_CAP:
+            break
+    return count
+
+
+async def mark(tables: StateTables, keyed: Iterable[tuple[str, str]], status: Status) -> int:
+    """Set the status of rows given as (PartitionKey, RowKey); rows that do not exist are passed over."""
+    table = await tables.table("deadletters")
+    now = iso(utcnow())
+    changed = 0
+    for partition, key in keyed:
+        values: dict[str, Any] = {"PartitionKey": partition, "RowKey": key, "status": status, f"{status}_at": now}
+        try:
+            if status == "requeued":
+                existing = await table.get_entity(partition, key)
+                values["requeue_count"] = int(existing.get("requeue_count") or 0) + 1
+            await table.update_entity(values, mode=UpdateMode.MERGE)
+            changed += 1
+        except ResourceNotFoundError:
+            continue
+    return changed
+
+
+def public(row: dict[str, Any], *, with_body: bool = False) -> dict[str, Any]:
+    """A row as the admin API shows it."""
+    keep = (
+        "kind", "entity", "record_id", "reason_kind", "reason", "error", "run_id", "batch_id", "status",
+        "first_seen", "last_seen", "occurrences", "requeue_count", "requeued_at", "resolved_at", "attempts",
+        "first_failed",
+    )  # fmt: skip
+    out = {k: row[k] for k in keep if k in row and row[k] not in (None, "")}
+    out["key"] = f"{row['PartitionKey']}/{from_row_key(str(row['RowKey']))}"
+    if with_body and row.get("body"):
+        out["body"] = row["body"]
+    return out

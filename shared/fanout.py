@@ -1,0 +1,181 @@
+"""Fan-out (timer trigger `fan_out`): list what changed in billing and put its IDs on the queue, page by page.
+
+Per entity (DESIGN §1.1):
+
+- a run starts from the watermark less the overlap, asks the count endpoint how many records are due, and claims
+  the entity's checkpoint row (optimistic concurrency: a second fan-out running at the same time stops);
+- each page of light records becomes messages of `SYNC_BATCH_SIZE` ids; *after* they are sent, the checkpoint moves
+  to the next page's request, so a crash or the time budget resumes exactly there (a page sent twice is harmless:
+  the worker skips unchanged records);
+- records at the boundary timestamp that the previous page already sent are not sent again;
+- when the listing ends, fewer ids than the count said is silent throttling the page checks missed: the listing
+  runs again (up to 3 rounds); if it is still short, the run ends without moving the watermark, so the next run
+  lists the same range again. Otherwise the watermark moves to the time this listing *started*: a record changed
+  while the listing ran is picked up by the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from shared import messages, state
+from shared.billing.models import Entity, Light
+from shared.errors import CircuitOpenError
+from shared.runtime import Runtime
+from shared.state import Checkpoint, CheckpointConflict
+
+log = logging.getLogger("shared.fanout")
+MAX_ROUNDS = 3
+SEND_CONCURRENCY = 16
+
+Outcome = Literal["completed", "paused", "short", "conflict", "deferred"]
+
+
+@dataclass
+class FanoutResult:
+    entity: str
+    run_id: str
+    outcome: Outcome
+    listed: int
+    messages: int
+    expected: int
+
+
+async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[FanoutResult]:
+    """One tick: every configured entity, customers first, within one time budget."""
+    deadline = time.monotonic() + (budget_s if budget_s is not None else runtime.settings.fanout_budget_s)
+    results = []
+    for entity in runtime.settings.entity_list:
+        try:
+            results.append(await _entity(runtime, entity, deadline))
+        except CheckpointConflict as exc:
+            log.warning("fan-out %s: %s; another fan-out is running it", entity, exc)
+            results.append(FanoutResult(entity, "", "conflict", 0, 0, 0))
+        except CircuitOpenError as exc:
+            log.warning("fan-out %s: %s; the next tick resumes", entity, exc)
+            results.append(FanoutResult(entity, "", "deferred", 0, 0, 0))
+            runtime.metrics.runs.add(1, {"entity": entity, "outcome": "deferred"})
+    return results
+
+
+async def _start(runtime: Runtime, cp: Checkpoint) -> Checkpoint:
+    started = state.utcnow()
+    since = ""
+    if cp.watermark:
+        since = state.iso(_parse(cp.watermark) - timedelta(seconds=runtime.settings.overlap_s))
+    entity: Entity = cp.entity  # type: ignore[assignment]
+    expected = await runtime.billing.count(entity, since)
+    cp.run_id = state.run_id_for(entity, started)
+    cp.since, cp.listing_started, cp.params = since, state.iso(started), None
+    cp.expected, cp.listed, cp.messages, cp.round, cp.pages, cp.boundary = expected, 0, 0, 1, 0, ("", [])
+    cp = await state.write_checkpoint(runtime.tables, cp)  # claims the run
+    await state.start_run(runtime.tables, cp.run_id, entity, since, "fanout")
+    await state.update_run(runtime.tables, cp.run_id, expected=expected)
+    log.info("fan-out %s: run %s lists changes since %s (%d due)", entity, cp.run_id, since or "the start", expected)
+    return cp
+
+
+async def _entity(runtime: Runtime, entity: Entity, deadline: float) -> FanoutResult:
+    cp = await state.read_checkpoint(runtime.tables, entity)
+    if not cp.run_id:
+        cp = await _start(runtime, cp)
+    else:
+        log.info("fan-out %s: resuming run %s at page %d", entity, cp.run_id, cp.pages + 1)
+    paginator = runtime.billing.paginator(cp.since)
+    params: dict[str, str] | None = paginator.resume(cp.params) if cp.params is not None else paginator.start()
+    while params is not None:
+        if time.monotonic() > deadline:
+            await state.update_run(runtime.tables, cp.run_id, status="paused", listed=cp.listed, messages=cp.messages)
+            runtime.metrics.runs.add(1, {"entity": entity, "outcome": "paused"})
+            log.info("fan-out %s: time budget spent after %d ids; the next tick resumes", entity, cp.listed)
+            return FanoutResult(entity, cp.run_id, "paused", cp.listed, cp.messages, cp.expected)
+        expect = cp.pages > 0 or cp.expected > 0
+        page = await runtime.billing.list_page(entity, params, expect_records=expect)
+        fresh = _new_ids(cp, page.records)
+        sent = await _send(runtime, entity, fresh, cp.run_id)
+        params = paginator.next_params(page)
+        cp.pages += 1
+        cp.listed += len(fresh)
+        cp.messages += sent
+        cp.params = params
+        runtime.metrics.listed.add(len(fresh), {"entity": entity})
+        if params is None and cp.listed < cp.expected and cp.round < MAX_ROUNDS:
+            log.warning(
+                "fan-out %s: listed %d ids but the count said %d; listing again (round %d)",
+                entity, cp.listed, cp.expected, cp.round + 1,
+            )  # fmt: skip
+            runtime.metrics.throttled.add(1, {"system": "billing"})
+            cp.round += 1
+            cp.pages, cp.boundary = 0, ("", [])
+            cp.listed = 0
+            paginator = runtime.billing.paginator(cp.since)
+            params = paginator.start()
+            cp.params = params
+        cp = await state.write_checkpoint(runtime.tables, cp)
+    return await _finish(runtime, cp)
+
+
+async def _finish(runtime: Runtime, cp: Checkpoint) -> FanoutResult:
+    short = cp.listed < cp.expected
+    result = FanoutResult(cp.entity, cp.run_id, "short" if short else "completed", cp.listed, cp.messages, cp.expected)
+    now = state.iso(state.utcnow())
+    if short:
+        log.error(
+            "fan-out %s: run %s listed %d ids, the count said %d; the watermark stays at %s so the next run lists "
+            "this range again", cp.entity, cp.run_id, cp.listed, cp.expected, cp.watermark or "the start",
+        )  # fmt: skip
+    else:
+        cp.watermark = cp.listing_started
+        cp.last_completed = now
+    await state.update_run(
+        runtime.tables,
+        cp.run_id,
+        status=result.outcome,
+        listed=cp.listed,
+        messages=cp.messages,
+        rounds=cp.round,
+        listing_completed_at=now,
+    )
+    cp.run_id, cp.params, cp.pages, cp.boundary = "", None, 0, ("", [])
+    await state.write_checkpoint(runtime.tables, cp)
+    runtime.metrics.runs.add(1, {"entity": cp.entity, "outcome": result.outcome})
+    if cp.watermark:
+        lag = (state.utcnow() - _parse(cp.watermark)).total_seconds()
+        runtime.metrics.lag.set(lag, {"entity": cp.entity})
+    log.info("fan-out %s: run %s %s: %d ids in %d messages", cp.entity, result.run_id, result.outcome,
+             cp.listed, cp.messages)  # fmt: skip
+    return result
+
+
+def _new_ids(cp: Checkpoint, records: tuple[Light, ...]) -> list[str]:
+    """The page's ids less those the previous page sent at the same boundary timestamp; moves the boundary."""
+    stamp, at_stamp = cp.boundary
+    seen = set(at_stamp)
+    fresh = [r.id for r in records if not (r.updated_at == stamp and r.id in seen)]
+    if records:
+        last = records[-1].updated_at
+        ids_at_last = [r.id for r in records if r.updated_at == last]
+        cp.boundary = (last, sorted(set(ids_at_last) | (seen if last == stamp else set())))
+    return list(dict.fromkeys(fresh))
+
+
+async def _send(runtime: Runtime, entity: Entity, ids: list[str], run_id: str) -> int:
+    batch = messages.split(entity, ids, size=runtime.settings.batch_size, run_id=run_id, source="fanout")
+    gate = asyncio.Semaphore(SEND_CONCURRENCY)
+
+    async def one(msg: messages.SyncMessage) -> None:
+        async with gate:
+            await runtime.queue.send_message(msg.body())
+
+    await asyncio.gather(*(one(m) for m in batch))
+    return len(batch)
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+

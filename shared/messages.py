@@ -1,0 +1,123 @@
+"""The queue contract: versioned messages of billing IDs, parsed strictly, kept far below the 64 KiB limit.
+
+```json
+{"v": 1, "run_id": "...", "batch_id": "...", "entity": "invoices", "ids": ["in_1", "in_2"],
+ "source": "fanout", "deferrals": 0, "force": false}
+```
+
+A message that does not parse is `MalformedMessage`: it goes to the DLQ at once with the reason, since no number
+of redeliveries can fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+MAX_IDS = 500
+MAX_BYTES = 48 * 1024  # base64 adds a third: 64 KiB on the wire
+Entity = Literal["customers", "invoices"]
+Source = Literal["fanout", "webhook", "reprocess", "repair"]
+
+
+class MalformedMessage(ValueError):
+    """The message breaks the queue contract; `reason` says where."""
+
+
+class SyncMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1]
+    run_id: Annotated[str, Field(min_length=1, max_length=100)]
+    batch_id: Annotated[str, Field(min_length=1, max_length=100)]
+    entity: Entity
+    ids: Annotated[tuple[Annotated[str, Field(min_length=1, max_length=100)], ...], Field(min_length=1)]
+    source: Source = "fanout"
+    deferrals: Annotated[int, Field(ge=0)] = 0
+    force: bool = False  # write even when the stored hash matches (repairs after a concurrent write)
+
+    def body(self) -> str:
+        text = self.model_dump_json()
+        if len(text.encode()) > MAX_BYTES:
+            raise ValueError(f"message of {len(self.ids)} ids is {len(text)} bytes, over {MAX_BYTES}")
+        return text
+
+    def deferred(self) -> SyncMessage:
+        return self.model_copy(update={"deferrals": self.deferrals + 1})
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def build(
+    entity: Entity,
+    ids: list[str],
+    *,
+    run_id: str,
+    source: Source,
+    batch_id: str | None = None,
+    force: bool = False,
+) -> SyncMessage:
+    return SyncMessage(
+        v=1,
+        run_id=run_id,
+        batch_id=batch_id or new_id("b"),
+        entity=entity,
+        ids=tuple(ids),
+        source=source,
+        force=force,
+    )
+
+
+def split(entity: Entity, ids: list[str], *, size: int, run_id: str, source: Source) -> list[SyncMessage]:
+    """Messages of at most `size` ids each (and never more than MAX_IDS), order kept, duplicates removed."""
+    unique = list(dict.fromkeys(ids))
+    step = max(1, min(size, MAX_IDS))
+    return [build(entity, unique[i : i + step], run_id=run_id, source=source) for i in range(0, len(unique), step)]
+
+
+def parse(body: bytes | str) -> SyncMessage:
+    """A SyncMessage, or MalformedMessage naming what is wrong (never the whole body)."""
+    try:
+        data: Any = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessage(f"not JSON ({type(exc).__name__} at position {getattr(exc, 'pos', '?')})") from None
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"expected a JSON object, got {type(data).__name__}")
+    version = data.get("v")
+    if version != SCHEMA_VERSION:
+        raise MalformedMessage(f"v: unknown schema version {str(version)[:20]!r} (this worker reads {SCHEMA_VERSION})")
+    if len(data.get("ids") or ()) > MAX_IDS:
+        raise MalformedMessage(f"ids: {len(data['ids'])} ids, at most {MAX_IDS} per message")
+    try:
+        return SyncMessage.model_validate(data)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(p) for p in err["loc"]) or "(message)"
+            what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            if err["type"] == "literal_error" and err["loc"][:1] == ("entity",):
+                what = "unknown entity (expected customers or invoices)"
+            parts.append(f"{where}: {what}")
+        raise MalformedMessage("; ".join(parts)) from None
+
+
+def peek_ids(body: bytes | str) -> tuple[str | None, str | None, str | None]:
+    """(run_id, batch_id, entity) from a body, as far as it can be read: for DLQ rows of broken messages."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, None, None
+    if not isinstance(data, dict):
+        return None, None, None
+
+    def text(key: str) -> str | None:
+        value = data.get(key)
+        return value[:100] if isinstance(value, str) else None
+
+    return text("run_id"), text("batch_id"), text("entity")

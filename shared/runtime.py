@@ -1,0 +1,166 @@
+"""What every function needs, built once per worker (per event loop) from the validated settings.
+
+Clients keep their connection pools across invocations. Nothing here does I/O until a function first runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
+from azure.storage.queue.aio import QueueClient
+
+from shared.billing.client import BillingClient, BillingClientConfig
+from shared.breaker import BreakerConfig, CircuitBreaker
+from shared.dataverse.client import Credential, DataverseClient, DataverseClientConfig
+from shared.http import RetryPolicy
+from shared.settings import Settings
+from shared.state import StateTables
+from shared.telemetry import Instruments, instruments
+
+log = logging.getLogger("shared.runtime")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    tables: StateTables
+    queue: QueueClient
+    poison: QueueClient
+    billing: BillingClient
+    dataverse: DataverseClient
+    billing_breaker: CircuitBreaker
+    dataverse_breaker: CircuitBreaker
+    metrics: Instruments
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        await self.billing.aclose()
+        await self.dataverse.aclose()
+        await self.queue.close()
+        await self.poison.close()
+        await self.tables.close()
+
+
+def _storage_credential(settings: Settings) -> Any:
+    from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential  # noqa: PLC0415 - Azure only
+
+    if settings.storage_client_id:
+        return ManagedIdentityCredential(client_id=settings.storage_client_id)
+    return DefaultAzureCredential()
+
+
+def _queue(settings: Settings, name: str) -> QueueClient:
+    policies = {"message_encode_policy": TextBase64EncodePolicy(), "message_decode_policy": TextBase64DecodePolicy()}
+    if settings.storage_connection:
+        return QueueClient.from_connection_string(settings.storage_connection, name, **policies)
+    url = f"https://{settings.storage_account}.queue.core.windows.net"
+    return QueueClient(url, name, credential=_storage_credential(settings), **policies)
+
+
+def _tables(settings: Settings) -> StateTables:
+    if settings.storage_connection:
+        return StateTables.from_connection_string(settings.storage_connection, settings.table_prefix)
+    url = f"https://{settings.storage_account}.table.core.windows.net"
+    return StateTables.from_account(url, _storage_credential(settings), settings.table_prefix)
+
+
+def dataverse_credentials(settings: Settings) -> dict[str, Credential]:
+    """One credential per application user: client secrets (a pool of users), or the app's managed identity."""
+    if settings.dataverse_auth == "managed_identity":
+        from azure.identity import ManagedIdentityCredential  # noqa: PLC0415
+
+        return {"managed-identity": ManagedIdentityCredential(client_id=settings.storage_client_id)}
+    from azure.identity import ClientSecretCredential  # noqa: PLC0415
+
+    extra: dict[str, Any] = {}
+    if settings.dataverse_authority:
+        extra = {"authority": settings.dataverse_authority, "disable_instance_discovery": True}
+    if settings.dataverse_ca_bundle:
+        extra["connection_verify"] = settings.dataverse_ca_bundle
+    assert settings.dataverse_tenant_id is not None  # noqa: S101 - validated
+    return {
+        client_id: ClientSecretCredential(
+            settings.dataverse_tenant_id, client_id, settings.client_secret_for(i), **extra
+        )
+        for i, client_id in enumerate(settings.client_ids)
+    }
+
+
+def _verify(ca_bundle: str | None) -> Any:
+    return ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
+
+
+async def build(settings: Settings) -> Runtime:
+    tables = _tables(settings)
+    breakers = await tables.table("breakers")
+    config = BreakerConfig(failure_threshold=5, open_for_s=30)
+    billing_breaker = CircuitBreaker(breakers, "billing", config)
+    billing = BillingClient(
+        BillingClientConfig(
+            base_url=settings.billing_url,
+            api_key=settings.billing_api_key.get_secret_value(),
+            pagination=settings.billing_pagination,
+            rate_limit_rps=settings.billing_rate_limit_rps,
+        ),
+        breaker=billing_breaker,
+        verify=_verify(settings.billing_ca_bundle),
+    )
+    dataverse = DataverseClient(
+        DataverseClientConfig(
+            org_url=settings.dataverse_url,
+            chunk_size=settings.dataverse_chunk_size,
+            max_concurrency=settings.dataverse_max_concurrency,
+            retry=RetryPolicy(attempts=6, total_s=120, base_s=1, cap_s=20),
+        ),
+        dataverse_credentials(settings),
+        verify=_verify(settings.dataverse_ca_bundle),
+    )
+    queue, poison = _queue(settings, settings.queue_name), _queue(settings, settings.poison_queue)
+    for client in (queue, poison):
+        with contextlib.suppress(ResourceExistsError):
+            await client.create_queue()
+    return Runtime(
+        settings=settings,
+        tables=tables,
+        queue=queue,
+        poison=poison,
+        billing=billing,
+        dataverse=dataverse,
+        billing_breaker=billing_breaker,
+        dataverse_breaker=CircuitBreaker(breakers, "dataverse", config),
+        metrics=instruments(),
+    )
+
+
+_RUNTIMES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+async def get_runtime(settings: Settings) -> Runtime:
+    """The runtime of the running event loop, built on first use."""
+    loop = asyncio.get_running_loop()
+    runtime = _RUNTIMES.get(loop)
+    if runtime is not None and runtime.settings is settings:
+        return runtime
+    lock = _LOCKS.setdefault(loop, asyncio.Lock())
+    async with lock:
+        runtime = _RUNTIMES.get(loop)
+        if runtime is not None and runtime.settings is settings:
+            return runtime
+        runtime = await build(settings)
+        _RUNTIMES[loop] = runtime
+        return runtime
+
+
+async def close_runtime() -> None:
+    runtime = _RUNTIMES.pop(asyncio.get_running_loop(), None)
+    if runtime is not None:
+        await runtime.aclose()
