@@ -21,8 +21,11 @@ from sandbox.dataverse_sim.run import dataverse_server
 from sandbox.faults import FaultProfile, FaultProfileError, load_profile
 from sandbox.host.errors import HostStartupError
 from sandbox.host.runtime import HostOptions, LocalHost, default_settings_file
+from sandbox.platform import PlatformOptions, platform
 from sandbox.platform_demo import run_platform_demo
+from sandbox.sync_demo import run_sync_demo
 from shared.mapping import render_markdown
+from shared.settings import SettingsError
 
 cli = typer.Typer(
     help="The local platform of billing-crm-sync: Azurite, the simulators and a local Functions host.",
@@ -165,23 +168,50 @@ def host(
 
 @cli.command()
 def up(
-    app_dir: AppDirOpt = ROOT,
-    settings: SettingsOpt = None,
-    port: PortOpt = None,
+    records: Annotated[int, typer.Option(help="Invoices in the billing simulator.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the billing data.")] = 1,
     faults: FaultsOpt = None,
+    port: Annotated[int, typer.Option("--port", help="The local host's HTTP port.")] = 7071,
+    schedule: Annotated[str, typer.Option(help="SYNC_SCHEDULE (NCRONTAB, with seconds).")] = "0 */1 * * * *",
+    billing_db: Annotated[Path | None, typer.Option(help="Keep the billing simulator's SQLite store here.")] = None,
+    dataverse_db: Annotated[Path | None, typer.Option(help="Keep the Dataverse simulator's SQLite store here.")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Like `func start` plus the emulators: Azurite and the local host in the foreground until Ctrl-C."""
+    """Like `func start` plus the emulators: Azurite, both simulators and the app, in the foreground until Ctrl-C."""
     _logging(verbose)
-    options = _host_options(app_dir, settings, port, faults, None, 600.0, 30.0)
+    options = PlatformOptions(
+        records=records,
+        seed=seed,
+        profile=_profile(faults),
+        billing_db=billing_db,
+        dataverse_db=dataverse_db,
+        schedule=schedule,
+        http_port=port,
+        work_dir=ROOT / ".local" / "up",
+    )
+    options.work_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with platform(options) as p:
+            key = p.settings["SANDBOX_HOST_FUNCTION_KEY"]
+            print(f"Functions host:  {p.host.http_url}  (x-functions-key: {key})", flush=True)
+            print(f"  curl -H 'x-functions-key: {key}' {p.host.http_url}/api/health")
+            print(f"  curl -H 'x-functions-key: {key}' {p.host.http_url}/api/dlq")
+            print(f"  curl -X POST -H 'x-functions-key: {key}' -d '{{\"all\": true}}' {p.host.http_url}/api/dlq/reprocess")
+            print(f"  curl -X POST -H 'x-functions-key: {p.settings['SANDBOX_HOST_MASTER_KEY']}' "
+                  f"{p.host.http_url}/admin/functions/fan_out   # run the timer now")  # fmt: skip
+            print(f"Billing API:     {p.billing.url}  (key: BILLING_API_KEY in {p.work_dir / 'local.settings.json'})")
+            print(f"Dataverse API:   {p.dataverse.api}  (CA: {p.dataverse.tls.ca_pem})")
+            print(f"AzureWebJobsStorage={p.conn}", flush=True)
+            await stop.wait()
+
     try:
-        with Azurite() as emulator:
-            print(f"Azurite: AzureWebJobsStorage={emulator.connection_string}", flush=True)
-            os.environ["AzureWebJobsStorage"] = emulator.connection_string  # noqa: SIM112 - the host's own name
-            asyncio.run(_run_host(options))
-    except AzuriteError as exc:
-        raise _fail(str(exc)) from None
-    except HostStartupError as exc:
+        asyncio.run(serve())
+    except (AzuriteError, HostStartupError, SettingsError) as exc:
         raise _fail(str(exc)) from None
 
 
@@ -268,22 +298,63 @@ def data_dictionary(
 
 @cli.command()
 def demo(
+    records: Annotated[int, typer.Option(help="Invoices in billing (customers: a quarter of that).")] = 50_000,
+    seed: Annotated[int, typer.Option(help="Seed of the billing data and the CRM's drift.")] = 1,
+    faults: FaultsOpt = "realistic",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the summary to this JSON file.")] = None,
+    keep: Annotated[bool, typer.Option(help="Leave everything running afterwards; print URLs and keys.")] = False,
+    billing_db: Annotated[Path | None, typer.Option(help="Keep the billing simulator's SQLite store here.")] = None,
+    dataverse_db: Annotated[Path | None, typer.Option(help="Keep the Dataverse simulator's SQLite store here.")] = None,
+    identities: Annotated[int, typer.Option(help="Dataverse application users to spread the load over.")] = 1,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A full sync, then an incremental one, against Azurite and both simulators; exit 0 only if CRM = billing."""
+    _quiet_logging(verbose)
+    profile = _profile(faults)
+    options = PlatformOptions(
+        records=records,
+        seed=seed,
+        profile=profile,
+        billing_db=billing_db,
+        dataverse_db=dataverse_db,
+        identities=identities,
+    )
+    try:
+        ok, _ = asyncio.run(
+            run_sync_demo(
+                records=records, seed=seed, profile_name=faults or "none", options=options, json_out=json_out, keep=keep
+            )
+        )
+    except (AzuriteError, HostStartupError, SettingsError) as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
+    raise typer.Exit(code=0 if ok else 1)
+
+
+@cli.command("platform-demo")
+def platform_demo(
     messages: Annotated[int, typer.Option(help="How many queue messages the demonstration sends.")] = 200,
     faults: FaultsOpt = "realistic",
     verbose: VerboseOpt = False,
 ) -> None:
-    """Demonstrates the local platform end to end (the full sync replaces this once the pipeline lands)."""
-    if not verbose:
-        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-        logging.getLogger("sandbox.host").setLevel(logging.CRITICAL)  # expected failures; the table tells
-    else:
-        _logging(verbose)
+    """The local platform proving its own queue semantics (a toy app; no sync)."""
+    _quiet_logging(verbose)
     try:
         profile = load_profile(faults)
         ok = asyncio.run(run_platform_demo(messages=messages, profile=profile))
     except (FaultProfileError, AzuriteError, HostStartupError) as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code=0 if ok else 1)
+
+
+def _quiet_logging(verbose: bool) -> None:
+    if verbose:
+        _logging(verbose)
+        return
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("sandbox.host", "shared"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # expected failures under faults; the summary tells
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue.aio import QueueClient
 
 from sandbox.azurite import ROOT, Azurite
@@ -44,14 +45,16 @@ class PlatformOptions:
     http_port: int = 0
     work_dir: Path | None = None
     settings: dict[str, str] = field(default_factory=dict)  # extra or overriding app settings
-    lease_s: float = 600
+    lease_s: float = 30  # how long a crashed worker's message stays invisible (the host's is 10 minutes)
     identities: int = 1
+    azurite_conn: str | None = None  # reuse a running Azurite (tests) instead of starting one
+    visibility_timeout_s: float | None = None  # tests: shorter than host.json's 30 s between redeliveries
 
 
 @dataclass
 class Platform:
     options: PlatformOptions
-    azurite: Azurite
+    azurite: Any  # sandbox.azurite.Azurite, or an existing one's connection string holder
     billing: RunningBilling
     dataverse: RunningDataverse
     host: LocalHost
@@ -106,27 +109,59 @@ class Platform:
             await asyncio.sleep(0.2)
         raise TimeoutError(f"the sync did not finish within {timeout_s:.0f} s")
 
-    async def sync_until_complete(self, *, timeout_s: float = 900) -> int:
-        """Fan out until the listing of every entity is complete, then wait for the queue to drain. Returns ticks."""
-        from shared import state  # noqa: PLC0415
+    async def runtime(self) -> Any:
         from shared.runtime import get_runtime  # noqa: PLC0415
 
+        return await get_runtime(_settings_of(self.host))
+
+    async def run_done(self, run_id: str) -> bool:
+        """A fan-out run is done when its listing is complete and every one of its messages has a final batch row
+        (succeeded, poisoned or dead-lettered): deferred and failed ones are still on their way."""
+        from shared import state  # noqa: PLC0415
+
+        runtime = await self.runtime()
+        runs = {r["RowKey"]: r for r in await state.recent_runs(runtime.tables, limit=200)}
+        run = runs.get(run_id)
+        if run is None or run.get("status") not in ("completed", "short"):
+            return False
+        final = 0
+        async for row in state.run_batches(runtime.tables, run_id):
+            final += row.get("status") in ("succeeded", "poisoned", "dead-lettered")
+        return final >= int(run.get("messages") or 0)
+
+    async def sync_until_complete(self, *, timeout_s: float = 900, settle: bool = False) -> list[str]:
+        """Fire fan-out until every entity's listing is complete, then wait until every message of those runs has
+        ended. With `settle`, also wait for the queues to drain (webhooks, repairs). Returns the run ids."""
+        from shared import state  # noqa: PLC0415
+
         deadline = time.monotonic() + timeout_s
-        ticks = 0
+        runtime = await self.runtime()
+        run_ids: list[str] = []
         while True:
-            ticks += 1
             await self.fan_out()
-            runtime = await get_runtime(_settings_of(self.host))
-            pending = [
-                e for e in runtime.settings.entity_list if (await state.read_checkpoint(runtime.tables, e)).run_id
-            ]
+            pending = []
+            for entity in runtime.settings.entity_list:
+                cp = await state.read_checkpoint(runtime.tables, entity)
+                if cp.run_id:
+                    pending.append(cp.run_id)
             if not pending:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("fan-out did not complete its listings in time")
             await asyncio.sleep(1.0)
-        await self.wait_idle(timeout_s=max(30.0, deadline - time.monotonic()))
-        return ticks
+        recent = await state.recent_runs(runtime.tables, limit=len(runtime.settings.entity_list) * 20)
+        seen: set[str] = set()
+        for run in recent:  # newest first: the last run of each entity
+            if run.get("entity") not in seen:
+                seen.add(str(run.get("entity")))
+                run_ids.append(str(run["RowKey"]))
+        while not all([await self.run_done(r) for r in run_ids]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the runs {run_ids} did not finish in time")
+            await asyncio.sleep(0.5)
+        if settle:
+            await self.wait_idle(timeout_s=max(30.0, deadline - time.monotonic()))
+        return run_ids
 
 
 def _settings_of(host: LocalHost) -> Any:
@@ -171,7 +206,7 @@ async def platform(options: PlatformOptions) -> AsyncIterator[Platform]:
     keys = {name: secrets.token_urlsafe(24) for name in ("billing", "webhook", "dataverse", "function_key", "master_key")}
     with contextlib.ExitStack() as stack:
         work = options.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bcs-platform-")))
-        emulator = stack.enter_context(Azurite())
+        emulator: Any = _Existing(options.azurite_conn) if options.azurite_conn else stack.enter_context(Azurite())
         host_port = _free_port() if options.http_port == 0 else options.http_port
         billing = stack.enter_context(
             billing_server(
@@ -199,7 +234,14 @@ async def platform(options: PlatformOptions) -> AsyncIterator[Platform]:
             lease=timedelta(seconds=options.lease_s),
             drain_timeout=timedelta(seconds=10),
             state_dir=work / "host",
+            visibility_timeout=(
+                timedelta(seconds=options.visibility_timeout_s) if options.visibility_timeout_s is not None else None
+            ),
         )
+        for name in (settings["SYNC_QUEUE"], settings["SYNC_QUEUE"] + "-poison"):  # as the deployment creates them
+            async with QueueClient.from_connection_string(emulator.connection_string, name) as client:
+                with contextlib.suppress(ResourceExistsError):
+                    await client.create_queue()
         host = LocalHost(host_options)
         try:
             await host.start()
@@ -216,3 +258,8 @@ def _free_port() -> int:
     port = int(sock.getsockname()[1])
     sock.close()
     return port
+
+
+@dataclass
+class _Existing:
+    connection_string: str

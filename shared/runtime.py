@@ -44,6 +44,12 @@ class Runtime:
     async def aclose(self) -> None:
         await self.billing.aclose()
         await self.dataverse.aclose()
+        for identity in self.dataverse.identities:
+            close = getattr(identity.credential, "close", None)
+            if close is not None:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
         await self.queue.close()
         await self.poison.close()
         await self.tables.close()

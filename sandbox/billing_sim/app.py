@@ -100,6 +100,7 @@ class BillingSimulator:
         self.bucket = TokenBucket(rl.requests_per_second, rl.burst) if rl else None
         self._events: asyncio.Queue[dict[str, Any]] | None = None
         self._background: list[asyncio.Task[None]] = []
+        self.mutations_paused = False  # the demo and tests pause background changes before a final check
         self.app = Starlette(
             routes=[
                 Route("/openapi.json", self.openapi, methods=["GET"]),
@@ -341,6 +342,8 @@ class BillingSimulator:
             await asyncio.sleep(tick)
             carry += rate * tick
             n, carry = int(carry), carry - int(carry)
+            if self.mutations_paused:
+                continue
             for _ in range(n):
                 entity: Entity = "invoices" if self.mutation_rng.random() < 0.7 else "customers"
                 ids = self.store.all_ids(entity)

@@ -362,6 +362,13 @@ class Store:
         if values["status"] == "paid":
             values["amount_paid"], values["amount_due"] = values["total"], "0.00"
 
+    def restore(self, entity: Entity, row: dict[str, Any]) -> None:
+        """Put a record back as it was (a row from `get_many`): a fault for tests, a stale replica's answer."""
+        with self._lock:
+            cols = ", ".join(row)
+            marks = ", ".join(f":{c}" for c in row)
+            self._db.execute(f"INSERT OR REPLACE INTO {entity} ({cols}) VALUES ({marks})", row)  # noqa: S608
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -1,0 +1,317 @@
+"""The sync end to end: Azurite, both simulators and the local host running `function_app.py`. Nothing is mocked;
+faults are injected by the simulators' profiles and the host, as a user's environment would have them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from sandbox.azurite import Azurite
+from sandbox.crm_check import CrmCheck
+from sandbox.dataverse_sim.schema import TABLES
+from sandbox.faults import FaultProfile, load_profile
+from sandbox.platform import Platform, PlatformOptions, platform
+from shared import dlq, state
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def options(azurite: Azurite, **kwargs: Any) -> PlatformOptions:
+    return PlatformOptions(azurite_conn=azurite.connection_string, **kwargs)
+
+
+async def dlq_rows(p: Platform, **selection: Any) -> list[dict[str, Any]]:
+    runtime = await p.runtime()
+    return await dlq.rows(runtime.tables, dlq.Selection(all=True, **selection), limit=100_000)
+
+
+async def check(p: Platform) -> Any:
+    rows = await dlq_rows(p)
+    open_rows = {(str(r["entity"]), str(r["record_id"])): str(r["reason_kind"]) for r in rows}
+    return CrmCheck(p.billing.store, p.dataverse.store, open_rows, {}).run()
+
+
+async def ledger(p: Platform, run_id: str) -> tuple[dict[str, Any], Counter[str]]:
+    runtime = await p.runtime()
+    run = next(r for r in await state.recent_runs(runtime.tables, limit=200) if r["RowKey"] == run_id)
+    totals: Counter[str] = Counter()
+    async for row in state.run_batches(runtime.tables, run_id):
+        for key in (*state.BATCH_COUNTS, "ids", "poisoned"):
+            totals[key] += int(row.get(key) or 0)
+    return run, totals
+
+
+async def eventually(predicate: Any, *, within: float, what: str) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def crm_row(p: Platform, logical: str, key: dict[str, str]) -> dict[str, Any] | None:
+    row = p.dataverse.store.find(TABLES[logical], key)
+    return dict(row) if row is not None else None
+
+
+@pytest.fixture
+async def quiet(azurite: Azurite) -> AsyncIterator[Platform]:
+    async with platform(options(azurite, records=120, visibility_timeout_s=0.5)) as p:
+        yield p
+
+
+# ---- chaos ----
+
+
+@pytest.mark.slow
+async def test_hostile_chaos_converges_with_nothing_lost_duplicated_or_poisoned(azurite: Azurite) -> None:
+    profile = load_profile("hostile")
+    async with platform(options(azurite, records=800, profile=profile, visibility_timeout_s=2, lease_s=5)) as p:
+        first = await p.sync_until_complete(timeout_s=400)
+        p.billing.simulator.mutations_paused = True
+        second = await p.sync_until_complete(timeout_s=400, settle=True)
+        report = await check(p)
+        assert report.ok, report.differences[:10]
+        assert report.duplicates == 0
+        assert sum(report.matched.values()) > 900
+        invalid = p.billing.simulator.stats  # the profile makes 1 % of generated records invalid
+        assert report.invalid_in_dlq > 0, invalid
+        rows = await dlq_rows(p, statuses=())
+        assert not [r for r in rows if r["reason_kind"] in ("poison", "deferred_too_long")], "an outage poisoned"
+        assert all(r["reason"] for r in rows)
+        for run_id in first + second:
+            run, totals = await ledger(p, run_id)
+            ended = sum(totals[k] for k in ("written", "unchanged", "stale", "invalid", "rejected", "not_found"))
+            assert totals["ids"] == int(run["listed"]), run_id
+            assert ended == int(run["listed"]), (run_id, dict(totals))
+        host = {listener.spec.name: listener.stats for listener in p.host.queue_listeners}
+        assert host["sync_batch"].duplicated + host["sync_batch"].crashed > 0  # the host's faults did happen
+        assert host["sync_batch"].poisoned == 0
+        assert p.billing.simulator.stats.outage_drops + p.dataverse.simulator.stats.outage_drops > 0
+
+
+# ---- idempotency and ordering ----
+
+
+async def test_the_same_full_sync_twice_writes_nothing_the_second_time(quiet: Platform) -> None:
+    p = quiet
+    await p.sync_until_complete(timeout_s=120)
+    written = p.dataverse.simulator.stats.records_written
+    runtime = await p.runtime()
+    table = await runtime.tables.table("syncstate")
+    async for row in table.list_entities():
+        await table.delete_entity(row["PartitionKey"], row["RowKey"])  # forget the watermark: list everything again
+    runs = await p.sync_until_complete(timeout_s=120)
+    for run_id in runs:
+        run, totals = await ledger(p, run_id)
+        assert totals["written"] == 0
+        assert totals["unchanged"] + totals["invalid"] == int(run["listed"]) > 0
+    assert p.dataverse.simulator.stats.records_written == written
+
+
+async def test_an_older_version_delivered_after_a_newer_one_does_not_overwrite_it(quiet: Platform) -> None:
+    p = quiet
+    await p.sync_until_complete(timeout_s=120)
+    customer_id = next(i for i in p.billing.store.all_ids("customers") if crm_row(p, "account", {"accountnumber": i}))
+    old = dict(p.billing.store.get_many("customers", [customer_id])[0])
+    async with httpx.AsyncClient(base_url=p.billing.url, headers={"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}) as http:
+        await http.post("/admin/mutate", json={"entity": "customers", "ids": [customer_id, customer_id]})
+    newest = dict(p.billing.store.get_many("customers", [customer_id])[0])
+    await p.sync_until_complete(timeout_s=120, settle=True)
+    assert crm_row(p, "account", {"accountnumber": customer_id})["bcs_sourceversion"] in (  # type: ignore[index]
+        newest["version"], old["version"]  # a bump that changes nothing mapped is not written
+    )
+    synced = crm_row(p, "account", {"accountnumber": customer_id})
+    p.billing.store.restore("customers", old)  # billing now answers an older version (a stale replica)
+    async with p.queue() as queue:
+        await queue.send_message(json.dumps(
+            {"v": 1, "run_id": "test-stale", "batch_id": "b-stale", "entity": "customers", "ids": [customer_id]}
+        ))  # fmt: skip
+    await p.wait_idle(timeout_s=60)
+    _, totals = await ledger_batch(p, "test-stale", "b-stale")
+    assert totals["stale"] + totals["unchanged"] == 1
+    assert crm_row(p, "account", {"accountnumber": customer_id}) == synced
+
+
+async def ledger_batch(p: Platform, run_id: str, batch_id: str) -> tuple[dict[str, Any], Counter[str]]:
+    runtime = await p.runtime()
+    row = await state.read_batch(runtime.tables, run_id, batch_id) or {}
+    return row, Counter({k: int(row.get(k) or 0) for k in state.BATCH_COUNTS})
+
+
+async def test_a_record_changed_while_a_listing_runs_is_synced_by_the_next_run(azurite: Azurite) -> None:
+    slow = FaultProfile.model_validate({"billing": {"latency_ms": {"min": 300, "max": 300}}})
+    async with platform(options(azurite, records=60, profile=slow, visibility_timeout_s=0.5)) as p:
+        fan_out = asyncio.create_task(p.fan_out())
+        await asyncio.sleep(0.5)  # the listing has started (count, first page): change a record under it
+        invoice_id = p.billing.store.all_ids("invoices")[0]
+        async with httpx.AsyncClient(base_url=p.billing.url, headers={"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}) as http:
+            await http.post("/admin/mutate", json={"entity": "invoices", "ids": [invoice_id]})
+        await fan_out
+        p.billing.simulator.mutations_paused = True
+        await p.sync_until_complete(timeout_s=120, settle=True)
+        report = await check(p)
+        assert report.ok, report.differences[:5]
+        version = p.billing.store.versions("invoices")[invoice_id]
+        number = p.billing.store.get_many("invoices", [invoice_id])[0]["number"]
+        synced = crm_row(p, "invoice", {"invoicenumber": number})
+        assert synced is not None and synced["bcs_sourceversion"] in (version, version - 1)
+
+
+# ---- failures ----
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("this is not json", "not JSON"),
+        ('{"v": 9, "run_id": "r", "batch_id": "b", "entity": "customers", "ids": ["x"]}', "unknown schema version"),
+        ('{"v": 1, "run_id": "r", "batch_id": "b", "entity": "contacts", "ids": ["x"]}', "unknown entity"),
+        ('{"v": 1, "run_id": "r", "batch_id": "b", "entity": "customers"}', "ids"),
+    ],
+)
+async def test_a_malformed_message_goes_to_the_dlq_at_once_with_its_reason(
+    quiet: Platform, body: str, reason: str
+) -> None:
+    p = quiet
+    async with p.queue() as queue:
+        await queue.send_message(body)
+    rows = await eventually(lambda: dlq_rows(p, reason="malformed"), within=30, what="the DLQ row")
+    assert reason in rows[0]["reason"]
+    stats = next(listener.stats for listener in p.host.queue_listeners if listener.spec.name == "sync_batch")
+    assert stats.invocations == 1
+    assert stats.failed == 0  # no redelivery: it cannot get better
+
+
+async def test_a_message_that_always_fails_reaches_the_dlq_through_the_poison_queue_and_reprocess_syncs_it(
+    quiet: Platform,
+) -> None:
+    p = quiet
+    sim = p.dataverse.simulator
+    customer_ids = p.billing.store.all_ids("customers")[:3]
+    secret, key = sim.client_secret, sim._signing_key
+    sim.client_secret, sim._signing_key = "revoked", b"revoked"  # the app's Dataverse credentials stop working
+    async with p.queue() as queue:
+        await queue.send_message(json.dumps(
+            {"v": 1, "run_id": "test-poison", "batch_id": "b-poison", "entity": "customers", "ids": customer_ids}
+        ))  # fmt: skip
+    rows = await eventually(lambda: dlq_rows(p, reason="poison"), within=90, what="the poison DLQ row")
+    row = rows[0]
+    assert row["batch_id"] == "b-poison"
+    assert row["attempts"] == 5
+    assert "401" in row["error"] or "Authentication" in row["error"] or "invalid_client" in row["error"]
+    assert secret not in json.dumps(rows, default=str)
+    assert crm_row(p, "account", {"accountnumber": customer_ids[0]}) is None
+
+    sim.client_secret, sim._signing_key = secret, key  # the cause is removed
+    async with httpx.AsyncClient(base_url=p.host.http_url or "") as http:
+        headers = {"x-functions-key": p.settings["SANDBOX_HOST_FUNCTION_KEY"]}
+        assert (await http.post("/api/dlq/reprocess", json={"run_id": "test-poison"})).status_code == 401
+        answer = await http.post("/api/dlq/reprocess", json={"run_id": "test-poison"}, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["requeued_messages"] == 1
+        await eventually(
+            lambda: _async(all(crm_row(p, "account", {"accountnumber": c}) for c in customer_ids)),
+            within=60, what="the reprocessed customers in the CRM",
+        )  # fmt: skip
+        resolved = await eventually(
+            lambda: dlq_rows(p, run_id="test-poison", statuses=("resolved",)), within=30, what="the row resolved"
+        )
+        assert resolved[0]["requeue_count"] == 1
+        listed = (await http.get("/api/dlq", params={"status": "any"}, headers=headers)).json()
+        assert any(r["batch_id"] == "b-poison" and r["status"] == "resolved" for r in listed["rows"])
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+async def test_reprocess_selects_rows_by_reason_and_by_id_and_deletes_nothing(quiet: Platform) -> None:
+    p = quiet
+    runtime = await p.runtime()
+    failures = [
+        dlq.RecordFailure("customers", "cus_missing_1", "rejected", "Dataverse refused: call +1 (555) 123-4567"),
+        dlq.RecordFailure("customers", "cus_missing_2", "invalid", "currency: 'XYZ' is not ISO 4217, jane@x.org"),
+    ]
+    await dlq.put_records(runtime.tables, failures, run_id="test-select", batch_id="b1")
+    headers = {"x-functions-key": p.settings["SANDBOX_HOST_FUNCTION_KEY"]}
+    async with httpx.AsyncClient(base_url=p.host.http_url or "", headers=headers) as http:
+        listed = (await http.get("/api/dlq", params={"run_id": "test-select"})).json()["rows"]
+        text = json.dumps(listed)
+        assert "555" not in text.replace("***4567", "") and "jane@" not in text and "j***@x.org" in text
+        dry = (await http.post("/api/dlq/reprocess", json={"reason": "rejected", "dry_run": True})).json()
+        assert dry["would_requeue"] == 1
+        by_id = (await http.post("/api/dlq/reprocess", json={"ids": ["cus_missing_2"]})).json()
+        assert by_id["requeued_records"] == 1
+        bad = await http.post("/api/dlq/reprocess", json={"everything": True})
+        assert bad.status_code == 400 and "unknown keys" in bad.text
+    rows = await dlq_rows(p, run_id="test-select", statuses=())
+    assert {r["record_id"]: r["status"] for r in rows if r["run_id"] == "test-select"} | {} != {}
+    assert len([r for r in rows if r["record_id"] in ("cus_missing_1", "cus_missing_2")]) == 2  # nothing deleted
+
+
+# ---- HTTP ----
+
+
+def signed(secret: str, body: bytes, timestamp: int) -> dict[str, str]:
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"X-Billing-Timestamp": str(timestamp), "X-Billing-Signature": f"v1={digest}"}
+
+
+async def test_webhooks_are_verified_and_a_valid_event_reaches_the_crm_at_once(quiet: Platform) -> None:
+    p = quiet
+    await p.sync_until_complete(timeout_s=120, settle=True)
+    invoice_id = p.billing.store.all_ids("invoices")[5]
+    body = json.dumps({"id": "evt_1", "type": "invoice.updated", "data": {"id": invoice_id, "version": 99}}).encode()
+    secret = p.settings["BILLING_WEBHOOK_SECRET"]
+    async with httpx.AsyncClient(base_url=p.host.http_url or "") as http:
+        url = "/api/webhooks/billing"
+        assert (await http.post(url, content=body, headers=signed("wrong", body, int(time.time())))).status_code == 401
+        stale = await http.post(url, content=body, headers=signed(secret, body, int(time.time()) - 3600))
+        assert stale.status_code == 401 and "timestamp" in stale.text
+        assert (await http.post(url, content=b"{", headers=signed(secret, b"{", int(time.time())))).status_code == 400
+        before = p.billing.store.versions("invoices")[invoice_id]
+        mutate = {"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}
+        changed = time.monotonic()
+        await http.post(f"{p.billing.url}/admin/mutate", json={"entity": "invoices", "ids": [invoice_id]}, headers=mutate)
+        number = p.billing.store.get_many("invoices", [invoice_id])[0]["number"]
+
+        async def synced() -> bool:
+            row = crm_row(p, "invoice", {"invoicenumber": number})
+            return row is not None and row["bcs_sourceversion"] == before + 1
+
+        await eventually(synced, within=15, what="the webhook's change in the CRM")
+        latency = time.monotonic() - changed
+    assert p.billing.simulator.stats.webhooks_sent >= 1
+    print(f"webhook change in the CRM after {latency:.2f} s")  # measured, not asserted (see bench/)
+
+
+async def test_health_needs_a_key_and_reports_runs_lag_dlq_and_breakers(quiet: Platform) -> None:
+    p = quiet
+    await p.sync_until_complete(timeout_s=120)
+    async with httpx.AsyncClient(base_url=p.host.http_url or "") as http:
+        assert (await http.get("/api/health")).status_code == 401
+        answer = await http.get("/api/health", headers={"x-functions-key": p.settings["SANDBOX_HOST_FUNCTION_KEY"]})
+    body = answer.json()
+    assert body["status"] == "ok"
+    assert body["breakers"] == {"billing": "closed", "dataverse": "closed"}
+    assert body["entities"]["customers"]["lag_seconds"] >= 0
+    assert isinstance(body["dlq_depth"], int)
+    assert {r["entity"] for r in body["recent_runs"]} == {"customers", "invoices"}
