@@ -47,6 +47,7 @@ class PlatformOptions:
     settings: dict[str, str] = field(default_factory=dict)  # extra or overriding app settings
     lease_s: float = 30  # how long a crashed worker's message stays invisible (the host's is 10 minutes)
     identities: int = 1
+    webhooks: bool = True  # the billing simulator posts signed change events to the app
     azurite_conn: str | None = None  # reuse a running Azurite (tests) instead of starting one
     visibility_timeout_s: float | None = None  # tests: shorter than host.json's 30 s between redeliveries
 
@@ -215,7 +216,7 @@ async def platform(options: PlatformOptions) -> AsyncIterator[Platform]:
                 profile=options.profile,
                 api_key=keys["billing"],
                 db=options.billing_db,
-                webhook_url=f"http://127.0.0.1:{host_port}/api/webhooks/billing",
+                webhook_url=f"http://127.0.0.1:{host_port}/api/webhooks/billing" if options.webhooks else None,
                 webhook_secret=keys["webhook"],
             )
         )

@@ -395,7 +395,8 @@ async def _delete_removed_lines(
 async def _repair(runtime: Runtime, msg: SyncMessage, ids: list[str]) -> None:
     """Another worker wrote some of these records at the same time: sync them again, forced, so the latest wins."""
     log.warning("batch %s: %d record(s) written concurrently elsewhere; re-syncing them", msg.batch_id, len(ids))
-    for repair in messages.split(msg.entity, ids, size=runtime.settings.batch_size, run_id=msg.run_id, source="repair"):
+    run_id = f"repair-{state.utcnow():%Y%m%d}"  # its own ledger: the original run's counts stay those of its listing
+    for repair in messages.split(msg.entity, ids, size=runtime.settings.batch_size, run_id=run_id, source="repair"):
         await runtime.queue.send_message(repair.model_copy(update={"force": True}).body())
 
 
