@@ -201,7 +201,9 @@ def up(
             print(f"Functions host:  {p.host.http_url}  (x-functions-key: {key})", flush=True)
             print(f"  curl -H 'x-functions-key: {key}' {p.host.http_url}/api/health")
             print(f"  curl -H 'x-functions-key: {key}' {p.host.http_url}/api/dlq")
-            print(f"  curl -X POST -H 'x-functions-key: {key}' -d '{{\"all\": true}}' {p.host.http_url}/api/dlq/reprocess")
+            print(
+                f"  curl -X POST -H 'x-functions-key: {key}' -d '{{\"all\": true}}' {p.host.http_url}/api/dlq/reprocess"
+            )
             print(f"  curl -X POST -H 'x-functions-key: {p.settings['SANDBOX_HOST_MASTER_KEY']}' "
                   f"{p.host.http_url}/admin/functions/fan_out   # run the timer now")  # fmt: skip
             print(f"Billing API:     {p.billing.url}  (key: BILLING_API_KEY in {p.work_dir / 'local.settings.json'})")

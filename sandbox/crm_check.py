@@ -60,7 +60,11 @@ class CrmCheck:
         self._rows: dict[str, dict[str, dict[str, Any]]] = {}
 
     def run(self) -> CheckReport:
-        for logical, key in (("account", "accountnumber"), ("invoice", "invoicenumber"), ("invoicedetail", "bcs_billinglineid")):
+        for logical, key in (
+            ("account", "accountnumber"),
+            ("invoice", "invoicenumber"),
+            ("invoicedetail", "bcs_billinglineid"),
+        ):
             table = TABLES[logical]
             rows = [dict(r) for r in self.crm.query(table)]
             keys = Counter(r[key] for r in rows if r[key] is not None)
@@ -74,9 +78,9 @@ class CrmCheck:
             ids = self.billing.all_ids(entity)
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
-                rows = self.billing.get_many(entity, chunk)
+                found = self.billing.get_many(entity, chunk)
                 lines = self.billing.lines_of(chunk) if entity == "invoices" else {}
-                for row in rows:
+                for row in found:
                     self._one(entity, parse_record(entity, to_api(entity, row, lines.get(row["id"]))), row["id"],
                               lines_by_invoice)  # fmt: skip
         for number, note in self.sales_notes.items():
@@ -131,7 +135,8 @@ class CrmCheck:
         for name, value in expected.values.items():
             if name.endswith("@odata.bind"):
                 column = table.lookup_by_navigation(name.removesuffix("@odata.bind"))
-                assert column is not None and column.target is not None  # noqa: S101
+                assert column is not None  # noqa: S101 - the schema declares every lookup the mapping binds
+                assert column.target is not None  # noqa: S101
                 target_key = value[value.index("'") + 1 : value.rindex("'")].replace("''", "'")
                 wanted = self._guid[column.target].get(target_key)
                 if wanted is None or actual[column.name] != wanted:

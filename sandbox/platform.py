@@ -64,7 +64,7 @@ class Platform:
 
     @property
     def conn(self) -> str:
-        return self.azurite.connection_string
+        return str(self.azurite.connection_string)
 
     @property
     def queue_name(self) -> str:
@@ -204,7 +204,9 @@ def app_settings(
 
 @contextlib.asynccontextmanager
 async def platform(options: PlatformOptions) -> AsyncIterator[Platform]:
-    keys = {name: secrets.token_urlsafe(24) for name in ("billing", "webhook", "dataverse", "function_key", "master_key")}
+    keys = {
+        name: secrets.token_urlsafe(24) for name in ("billing", "webhook", "dataverse", "function_key", "master_key")
+    }
     with contextlib.ExitStack() as stack:
         work = options.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bcs-platform-")))
         emulator: Any = _Existing(options.azurite_conn) if options.azurite_conn else stack.enter_context(Azurite())

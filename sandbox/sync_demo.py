@@ -97,11 +97,17 @@ class DemoSummary:
             "profile": self.profile,
             "seconds": round(self.seconds, 1),
             "phases": [
-                {"name": p.name, "seconds": round(p.seconds, 1), "listed": p.listed, "created": p.created,
-                 "updated": max(0, p.ledger["written"] - p.created), **dict(p.ledger),
-                 "requests": {"billing": p.billing_requests, "dataverse": p.dataverse_requests}}
+                {
+                    "name": p.name,
+                    "seconds": round(p.seconds, 1),
+                    "listed": p.listed,
+                    "created": p.created,
+                    "updated": max(0, p.ledger["written"] - p.created),
+                    **dict(p.ledger),
+                    "requests": {"billing": p.billing_requests, "dataverse": p.dataverse_requests},
+                }
                 for p in self.phases
-            ],  # fmt: skip
+            ],
             "invalid_by_reason": self.invalid_by_reason,
             "deferred_messages": self.deferred_messages,
             "retried": self.retried,
@@ -141,8 +147,7 @@ def preseed_drift(p: Platform, *, share: float = 0.12, seed: int = 1) -> dict[st
         values["description"] = note
         crm.write(account, {"accountnumber": record.id}, values)
         notes[record.id] = note
-    invoices = [r for r in _invoices_of(store, set(notes))]
-    for raw in invoices:
+    for raw in _invoices_of(store, set(notes)):
         record = parse_record("invoices", raw)
         if not isinstance(record, Invoice):
             continue
@@ -252,12 +257,16 @@ async def run_sync_demo(
     started = time.perf_counter()
     async with platform(options) as p:
         console.print(f"Azurite {p.conn.split(';')[-1] if p.conn else ''}")
-        console.print(f"billing simulator {p.billing.url}; Dataverse simulator {p.dataverse.url}; host {p.host.http_url}")
+        console.print(
+            f"billing simulator {p.billing.url}; Dataverse simulator {p.dataverse.url}; host {p.host.http_url}"
+        )
         notes = preseed_drift(p, seed=seed)
         console.print(f"CRM pre-seeded with a drifted copy of {len(notes):,} accounts and their invoices")
         full = await _phase(p, "full sync", console, reader)
         changed = max(1, records // 100)
-        async with httpx.AsyncClient(base_url=p.billing.url, headers={"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}) as http:
+        async with httpx.AsyncClient(
+            base_url=p.billing.url, headers={"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}
+        ) as http:
             for entity, n in (("invoices", changed), ("customers", max(1, changed // 4))):
                 await http.post("/admin/mutate", json={"entity": entity, "count": n})
         p.billing.simulator.mutations_paused = True
@@ -291,7 +300,7 @@ async def run_sync_demo(
         )
         _print(summary, console)
         if json_out is not None:
-            json_out.write_text(json.dumps(summary.as_json(), indent=2), encoding="utf-8")
+            await asyncio.to_thread(json_out.write_text, json.dumps(summary.as_json(), indent=2), encoding="utf-8")
         if keep:
             _print_keep(p, console)
             await asyncio.Event().wait()

@@ -84,7 +84,7 @@ async def reprocess(runtime: Runtime, req: func.HttpRequest) -> func.HttpRespons
     try:
         body = req.get_json() if req.get_body() else {}
     except ValueError:
-        return _error(400, "the body must be JSON, for example {\"all\": true}")
+        return _error(400, 'the body must be JSON, for example {"all": true}')
     if not isinstance(body, dict):
         return _error(400, "the body must be a JSON object")
     unknown = sorted(set(body) - {"all", "run_id", "reason", "ids", "entity", "status", "dry_run"})
@@ -159,7 +159,10 @@ async def health(runtime: Runtime) -> func.HttpResponse:
     depth = await dlq.depth(runtime.tables)
     runtime.metrics.dlq_depth.set(depth)
     runs = [
-        {k: r.get(k) for k in ("RowKey", "entity", "status", "started_at", "listing_completed_at", "listed", "messages")}
+        {
+            k: r.get(k)
+            for k in ("RowKey", "entity", "status", "started_at", "listing_completed_at", "listed", "messages")
+        }
         for r in await state.recent_runs(runtime.tables, limit=10)
     ]
     status = "degraded" if any(s != "closed" for s in breakers.values()) else "ok"

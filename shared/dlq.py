@@ -14,6 +14,7 @@ number its last four digits: enough to find the record, not enough to contact an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ MAX_TEXT = 2000
 MAX_BODY = 30_000  # a Table string property holds 64 KiB (32K UTF-16 characters)
 DEPTH_CAP = 10_000
 
-_EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+_EMAIL = re.compile(r"([^\s@\"'<>()\[\],;:])[^\s@\"'<>()\[\],;:]*@([A-Za-z0-9.-]+\.[A-Za-z0-9-]{2,})")
 _PHONE = re.compile(r"(?<![\w])(\+?\d[\d\s().-]{5,}\d)(?![\w])")
 _SECRETISH = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=: ]+|secret[\"'=: ]+|sig=|code=)([^\s\"'&,]+)")
 
@@ -65,9 +66,7 @@ class RecordFailure:
     error: dict[str, Any] | None = None
 
 
-async def put_records(
-    tables: StateTables, failures: Sequence[RecordFailure], *, run_id: str, batch_id: str
-) -> None:
+async def put_records(tables: StateTables, failures: Sequence[RecordFailure], *, run_id: str, batch_id: str) -> None:
     """Write (or refresh) one row per failed record, status `open`."""
     table = await tables.table("deadletters")
     now = iso(utcnow())
@@ -128,11 +127,9 @@ async def put_message(
 
 
 async def _create_or_refresh(table: Any, row: dict[str, Any], now: str) -> None:
-    try:
+    with contextlib.suppress(ResourceExistsError):
         await table.create_entity({**row, "first_seen": now, "occurrences": 1, "requeue_count": 0})
         return
-    except ResourceExistsError:
-        pass
     existing = await table.get_entity(row["PartitionKey"], row["RowKey"])
     await table.update_entity({**row, "occurrences": int(existing.get("occurrences") or 0) + 1}, mode=UpdateMode.MERGE)
 
@@ -157,7 +154,10 @@ class Selection:
             return False
         if self.reason:
             needle = self.reason.lower()
-            if needle not in str(row.get("reason_kind", "")).lower() and needle not in str(row.get("reason", "")).lower():
+            if (
+                needle not in str(row.get("reason_kind", "")).lower()
+                and needle not in str(row.get("reason", "")).lower()
+            ):
                 return False
         if self.ids and row.get("record_id") not in self.ids and row.get("batch_id") not in self.ids:
             return False

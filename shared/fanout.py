@@ -178,4 +178,3 @@ async def _send(runtime: Runtime, entity: Entity, ids: list[str], run_id: str) -
 
 def _parse(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
-

@@ -64,11 +64,15 @@ def _storage_credential(settings: Settings) -> Any:
 
 
 def _queue(settings: Settings, name: str) -> QueueClient:
-    policies = {"message_encode_policy": TextBase64EncodePolicy(), "message_decode_policy": TextBase64DecodePolicy()}
+    encode, decode = TextBase64EncodePolicy(), TextBase64DecodePolicy()  # the host expects base64 bodies
     if settings.storage_connection:
-        return QueueClient.from_connection_string(settings.storage_connection, name, **policies)
+        return QueueClient.from_connection_string(
+            settings.storage_connection, name, message_encode_policy=encode, message_decode_policy=decode
+        )
     url = f"https://{settings.storage_account}.queue.core.windows.net"
-    return QueueClient(url, name, credential=_storage_credential(settings), **policies)
+    return QueueClient(
+        url, name, credential=_storage_credential(settings), message_encode_policy=encode, message_decode_policy=decode
+    )
 
 
 def _tables(settings: Settings) -> StateTables:

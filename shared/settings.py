@@ -47,9 +47,7 @@ class Settings(BaseSettings):
     )
     billing_ca_bundle: Annotated[str | None, Field(validation_alias=_env("BILLING_CA_BUNDLE"))] = None
     webhook_secret: Annotated[SecretStr | None, Field(validation_alias=_env("BILLING_WEBHOOK_SECRET"))] = None
-    webhook_tolerance_s: Annotated[int, Field(ge=10, le=3600, validation_alias=_env("WEBHOOK_TOLERANCE_SECONDS"))] = (
-        300
-    )
+    webhook_tolerance_s: Annotated[int, Field(ge=10, le=3600, validation_alias=_env("WEBHOOK_TOLERANCE_SECONDS"))] = 300
 
     # ---- Dataverse ----
     dataverse_url: Annotated[str, Field(validation_alias=_env("DATAVERSE_URL"))]
@@ -150,7 +148,7 @@ class Settings(BaseSettings):
 
     @property
     def entity_list(self) -> tuple[Literal["customers", "invoices"], ...]:
-        return tuple(n for n in ("customers", "invoices") if n in self.entities.split(","))  # type: ignore[misc]
+        return tuple(n for n in ("customers", "invoices") if n in self.entities.split(","))
 
     @property
     def poison_queue(self) -> str:

@@ -3,14 +3,14 @@
 | table | PartitionKey | RowKey | holds |
 |---|---|---|---|
 | `syncstate` | `watermark` | entity | watermark, the open run and its cursor checkpoint |
-| `syncruns` | `run` / run id | run id / batch id | the run ledger: one row per run, one per batch (counts, last error) |
+| `syncruns` | `run` / run id | run id / batch id | the run ledger: a row per run, a row per batch (counts, error) |
 | `synchashes` | entity + one hex digit | record id | content hash and source version last written |
 | `deadletters` | `record-<entity>` / `message` | record id / message key | the DLQ (see `shared.dlq`) |
 | `breakers` | `breaker` | system | circuit breaker state (`shared.breaker`) |
 
-Record ids are keys as they are unless they hold a character Table keys forbid (`/ \\ # ?`, control characters,
-`%`): those are percent-encoded, so every id has exactly one key. Transactions stay within one partition and at
-most 100 operations (Azurite answers larger ones with an obscure parse error, DESIGN §9).
+Record ids are keys as they are unless they hold a character Table keys forbid (`/ \\ # ?`, control
+characters, `%`): those are percent-encoded, so every id has exactly one key. Transactions stay within one
+partition and at most 100 operations (Azurite answers larger ones with an obscure parse error, DESIGN §9).
 """
 
 from __future__ import annotations
@@ -117,9 +117,11 @@ async def query_keys(
     unique = list(dict.fromkeys(keys))
 
     async def one(chunk: Sequence[str]) -> list[dict[str, Any]]:
-        text = f"PartitionKey eq {odata_string(partition)} and (" + " or ".join(
-            f"RowKey eq {odata_string(k)}" for k in chunk
-        ) + ")"
+        text = (
+            f"PartitionKey eq {odata_string(partition)} and ("
+            + " or ".join(f"RowKey eq {odata_string(k)}" for k in chunk)
+            + ")"
+        )
         rows = []
         async for entity in table.query_entities(text, select=list(select) if select else None):
             rows.append({**entity, "__etag": entity.metadata.get("etag")})
@@ -355,7 +357,7 @@ async def write_hashes(
                 entity_row,
                 {"mode": UpdateMode.REPLACE, "etag": old.etag, "match_condition": MatchConditions.IfNotModified},
             )
-        ops.setdefault(entity_row["PartitionKey"], []).append((h, op))
+        ops.setdefault(str(entity_row["PartitionKey"]), []).append((h, op))
 
     async def one_by_one(items: list[tuple[SyncedHash, tuple[Any, ...]]]) -> list[str]:
         conflicts = []
@@ -378,7 +380,7 @@ async def write_hashes(
         for i in range(0, len(items), MAX_TRANSACTION):
             part = items[i : i + MAX_TRANSACTION]
             try:
-                await table.submit_transaction([op for _, op in part])  # type: ignore[misc]
+                await table.submit_transaction([op for _, op in part])
             except (TableTransactionError, ResourceExistsError, HttpResponseError):
                 conflicts += await one_by_one(part)  # a conflict fails the whole transaction: find which
         return conflicts

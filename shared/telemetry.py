@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from opentelemetry import metrics
+from opentelemetry.metrics import _Gauge as Gauge  # the synchronous gauge (API 1.27+); public only as _Gauge
 
 log = logging.getLogger("shared.telemetry")
 
@@ -59,10 +60,10 @@ class Instruments:
     api_requests: metrics.Counter
     throttled: metrics.Counter
     dlq_writes: metrics.Counter
-    dlq_depth: metrics.Gauge
+    dlq_depth: Gauge
     poison: metrics.Counter
-    breaker_state: metrics.Gauge
-    lag: metrics.Gauge
+    breaker_state: Gauge
+    lag: Gauge
     runs: metrics.Counter
     listed: metrics.Counter
     webhooks: metrics.Counter

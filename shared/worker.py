@@ -30,8 +30,8 @@ from shared.billing.models import Customer, Invoice
 from shared.dataverse.client import RowOutcome, UpsertRow
 from shared.dataverse.odata import literal
 from shared.errors import CircuitOpenError, InvalidRecord, SyncError, TransientError
-from shared.mapping import INVOICE_LINES, INVOICES, LINE_MAP, content_hash, customer_row, invoice_rows
 from shared.mapping import ACCOUNTS as ACCOUNT_TABLE
+from shared.mapping import INVOICE_LINES, INVOICES, LINE_MAP, content_hash, customer_row, invoice_rows
 from shared.messages import MalformedMessage, SyncMessage
 from shared.runtime import Runtime
 
@@ -199,25 +199,13 @@ async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:
     records = dict(fetched.records)
     dependency_hashes: list[state.SyncedHash] = []
     if msg.entity == "invoices":
-        blocked, dependency_hashes, written = await _ensure_accounts(runtime, records, msg)
-        result.dependencies_written = written
+        blocked, dependency_hashes, result.dependencies_written = await _ensure_accounts(runtime, records, msg)
         for invoice_id, reason in blocked.items():
             records.pop(invoice_id)
             failures.append(dlq.RecordFailure("invoices", invoice_id, "dependency", reason))
             result.counts["invalid"] += 1
 
-    plans: list[_Planned] = []
-    for record_id, record in records.items():
-        rows = _rows(record)
-        plan = _Planned(record_id, record.version, content_hash(rows), rows)
-        stored = before.get(record_id)
-        if stored is not None and record.version < stored.version:
-            result.counts["stale"] += 1  # billing answered an older version than the one last written
-        elif stored is not None and stored.hash == plan.hash and not msg.force:
-            result.counts["unchanged"] += 1
-        else:
-            plans.append(plan)
-
+    plans = _plan(records, before, result, force=msg.force)
     written, rejected, failed = await _write(runtime, msg.entity, plans)
     result.counts["written"] += len(written)
     result.counts["rejected"] += len(rejected)
@@ -248,10 +236,26 @@ async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:
         )
     if msg.source == "reprocess":
         await dlq.mark(runtime.tables, [("message", state.row_key(msg.batch_id))], "resolved")
-    await state.record_batch(
-        runtime.tables, msg.run_id, msg.batch_id, ids=len(ids), last_error="", **result.as_row()
-    )
+    await state.record_batch(runtime.tables, msg.run_id, msg.batch_id, ids=len(ids), last_error="", **result.as_row())
     return result
+
+
+def _plan(
+    records: dict[str, Customer | Invoice], before: dict[str, state.SyncedHash], result: BatchResult, *, force: bool
+) -> list[_Planned]:
+    """What to write: records whose content changed, at a version not older than the one last written."""
+    plans: list[_Planned] = []
+    for record_id, record in records.items():
+        rows = _rows(record)
+        plan = _Planned(record_id, record.version, content_hash(rows), rows)
+        stored = before.get(record_id)
+        if stored is not None and record.version < stored.version:
+            result.counts["stale"] += 1  # billing answered an older version than the one last written
+        elif stored is not None and stored.hash == plan.hash and not force:
+            result.counts["unchanged"] += 1
+        else:
+            plans.append(plan)
+    return plans
 
 
 def _invalid(entity: str, invalid: InvalidRecord) -> dlq.RecordFailure:

@@ -87,7 +87,7 @@ class Paginator(ABC):
         self._asked.add(tuple(sorted(params.items())))
         return params
 
-    def _restore(self, params: dict[str, str]) -> None:
+    def _restore(self, params: dict[str, str]) -> None:  # noqa: B027 - a hook: stateless strategies keep it empty
         """Set the strategy's state from a request's parameters (stateless strategies need nothing)."""
 
 

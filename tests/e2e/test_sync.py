@@ -85,7 +85,9 @@ async def quiet(azurite: Azurite) -> AsyncIterator[Platform]:
 async def test_hostile_chaos_converges_with_nothing_lost_duplicated_or_poisoned(azurite: Azurite) -> None:
     hostile = load_profile("hostile")  # every billing and Dataverse fault; the host's, made frequent enough to
     profile = hostile.model_copy(  # hit a run of a few dozen messages
-        update={"host": hostile.host.model_copy(update={"duplicate_delivery_rate": 0.15, "crash_after_success_rate": 0.15})}
+        update={
+            "host": hostile.host.model_copy(update={"duplicate_delivery_rate": 0.15, "crash_after_success_rate": 0.15})
+        }
     )
     # Webhooks off: at 20 changes/s against a 5 requests/s billing limit, one message per event would take minutes.
     run = options(
@@ -140,12 +142,15 @@ async def test_an_older_version_delivered_after_a_newer_one_does_not_overwrite_i
     await p.sync_until_complete(timeout_s=120)
     customer_id = next(i for i in p.billing.store.all_ids("customers") if crm_row(p, "account", {"accountnumber": i}))
     old = dict(p.billing.store.get_many("customers", [customer_id])[0])
-    async with httpx.AsyncClient(base_url=p.billing.url, headers={"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}) as http:
+    async with httpx.AsyncClient(
+        base_url=p.billing.url, headers={"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}
+    ) as http:
         await http.post("/admin/mutate", json={"entity": "customers", "ids": [customer_id, customer_id]})
     newest = dict(p.billing.store.get_many("customers", [customer_id])[0])
     await p.sync_until_complete(timeout_s=120, settle=True)
     assert crm_row(p, "account", {"accountnumber": customer_id})["bcs_sourceversion"] in (  # type: ignore[index]
-        newest["version"], old["version"]  # a bump that changes nothing mapped is not written
+        newest["version"],
+        old["version"],  # a bump that changes nothing mapped is not written
     )
     synced = crm_row(p, "account", {"accountnumber": customer_id})
     p.billing.store.restore("customers", old)  # billing now answers an older version (a stale replica)
@@ -171,7 +176,9 @@ async def test_a_record_changed_while_a_listing_runs_is_synced_by_the_next_run(a
         fan_out = asyncio.create_task(p.fan_out())
         await asyncio.sleep(0.5)  # the listing has started (count, first page): change a record under it
         invoice_id = p.billing.store.all_ids("invoices")[0]
-        async with httpx.AsyncClient(base_url=p.billing.url, headers={"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}) as http:
+        async with httpx.AsyncClient(
+            base_url=p.billing.url, headers={"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}
+        ) as http:
             await http.post("/admin/mutate", json={"entity": "invoices", "ids": [invoice_id]})
         await fan_out
         p.billing.simulator.mutations_paused = True
@@ -181,7 +188,8 @@ async def test_a_record_changed_while_a_listing_runs_is_synced_by_the_next_run(a
         version = p.billing.store.versions("invoices")[invoice_id]
         number = p.billing.store.get_many("invoices", [invoice_id])[0]["number"]
         synced = crm_row(p, "invoice", {"invoicenumber": number})
-        assert synced is not None and synced["bcs_sourceversion"] in (version, version - 1)
+        assert synced is not None
+        assert synced["bcs_sourceversion"] in (version, version - 1)
 
 
 # ---- failures ----
@@ -264,13 +272,17 @@ async def test_reprocess_selects_rows_by_reason_and_by_id_and_deletes_nothing(qu
     async with httpx.AsyncClient(base_url=p.host.http_url or "", headers=headers) as http:
         listed = (await http.get("/api/dlq", params={"run_id": "test-select"})).json()["rows"]
         text = json.dumps(listed)
-        assert "555" not in text.replace("***4567", "") and "jane@" not in text and "j***@x.org" in text
+        assert "(555) 123" not in text
+        assert "jane@" not in text
+        assert "***4567" in text
+        assert "j***@x.org" in text
         dry = (await http.post("/api/dlq/reprocess", json={"reason": "rejected", "dry_run": True})).json()
         assert dry["would_requeue"] == 1
         by_id = (await http.post("/api/dlq/reprocess", json={"ids": ["cus_missing_2"]})).json()
         assert by_id["requeued_records"] == 1
         bad = await http.post("/api/dlq/reprocess", json={"everything": True})
-        assert bad.status_code == 400 and "unknown keys" in bad.text
+        assert bad.status_code == 400
+        assert "unknown keys" in bad.text
     rows = await dlq_rows(p, run_id="test-select", statuses=())
     assert {r["record_id"]: r["status"] for r in rows if r["run_id"] == "test-select"} | {} != {}
     assert len([r for r in rows if r["record_id"] in ("cus_missing_1", "cus_missing_2")]) == 2  # nothing deleted
@@ -294,12 +306,15 @@ async def test_webhooks_are_verified_and_a_valid_event_reaches_the_crm_at_once(q
         url = "/api/webhooks/billing"
         assert (await http.post(url, content=body, headers=signed("wrong", body, int(time.time())))).status_code == 401
         stale = await http.post(url, content=body, headers=signed(secret, body, int(time.time()) - 3600))
-        assert stale.status_code == 401 and "timestamp" in stale.text
+        assert stale.status_code == 401
+        assert "timestamp" in stale.text
         assert (await http.post(url, content=b"{", headers=signed(secret, b"{", int(time.time())))).status_code == 400
         before = p.billing.store.versions("invoices")[invoice_id]
         mutate = {"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}
         changed = time.monotonic()
-        await http.post(f"{p.billing.url}/admin/mutate", json={"entity": "invoices", "ids": [invoice_id]}, headers=mutate)
+        await http.post(
+            f"{p.billing.url}/admin/mutate", json={"entity": "invoices", "ids": [invoice_id]}, headers=mutate
+        )
         number = p.billing.store.get_many("invoices", [invoice_id])[0]["number"]
 
         async def synced() -> bool:

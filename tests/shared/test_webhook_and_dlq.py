@@ -1,0 +1,69 @@
+"""Webhook signatures and timestamps; what the DLQ may store about a person."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared import dlq, webhook
+from shared.webhook import WebhookRejected
+
+BODY = json.dumps({"id": "evt_1", "type": "invoice.updated", "data": {"id": "in_1", "version": 3}}).encode()
+NOW = 1_800_000_000
+
+
+def headers(secret: str, timestamp: int, body: bytes = BODY) -> dict[str, str]:
+    return {"x-billing-timestamp": str(timestamp), "x-billing-signature": webhook.sign(secret, str(timestamp), body)}
+
+
+def test_a_signed_fresh_event_is_accepted_with_either_secret_during_a_rotation() -> None:
+    webhook.verify(BODY, headers("new", NOW), ["new", "old"], tolerance_s=300, now=NOW + 10)
+    webhook.verify(BODY, headers("old", NOW), ["new", "old"], tolerance_s=300, now=NOW + 10)
+    assert webhook.parse_event(BODY) == webhook.Event("evt_1", "invoices", "in_1")
+
+
+@pytest.mark.parametrize(
+    ("hdrs", "outcome"),
+    [
+        ({}, "bad_signature"),
+        (headers("wrong", NOW), "bad_signature"),
+        (headers("s", NOW, b"other body"), "bad_signature"),
+        ({"x-billing-timestamp": "soon", "x-billing-signature": "v1=00"}, "bad_signature"),
+        (headers("s", NOW - 301), "stale"),
+        (headers("s", NOW + 301), "stale"),
+    ],
+)
+def test_bad_signatures_and_stale_timestamps_are_refused(hdrs: dict[str, str], outcome: str) -> None:
+    with pytest.raises(WebhookRejected) as info:
+        webhook.verify(BODY, hdrs, ["s"], tolerance_s=300, now=NOW)
+    assert info.value.status == 401
+    assert info.value.outcome == outcome
+
+
+def test_events_the_sync_does_not_follow_are_ignored_and_broken_ones_refused() -> None:
+    assert webhook.parse_event(b'{"type": "payout.created", "data": {"id": "po_1"}}') is None
+    with pytest.raises(WebhookRejected, match=r"data\.id"):
+        webhook.parse_event(b'{"type": "customer.updated", "data": {}}')
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "gone"),
+    [
+        ("contact jane.doe@clinic.example failed", "j***@clinic.example", "jane.doe"),
+        ("call +1 (555) 123-4567 now", "***4567", "555) 123"),
+        ("Authorization: Bearer abc.def.ghi", "Bearer ***", "abc.def"),
+        ("api_key=sk_live_123", "api_key=***", "sk_live_123"),
+    ],
+)
+def test_personal_data_and_credentials_are_masked_in_dlq_text(text: str, kept: str, gone: str) -> None:
+    masked = dlq.mask(text)
+    assert kept in masked
+    assert gone not in masked
+
+
+@given(st.emails())
+def test_no_email_survives_masking_whole(email: str) -> None:
+    assert email not in dlq.mask(f"owner {email} rejected")
