@@ -88,12 +88,14 @@ async def _entity(runtime: Runtime, entity: Entity, deadline: float) -> FanoutRe
         log.info("fan-out %s: resuming run %s at page %d", entity, cp.run_id, cp.pages + 1)
     paginator = runtime.billing.paginator(cp.since)
     params: dict[str, str] | None = paginator.resume(cp.params) if cp.params is not None else paginator.start()
+    progressed = False
     while params is not None:
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline and progressed:  # at least one page per entity and tick: none starves
             await state.update_run(runtime.tables, cp.run_id, status="paused", listed=cp.listed, messages=cp.messages)
             runtime.metrics.runs.add(1, {"entity": entity, "outcome": "paused"})
             log.info("fan-out %s: time budget spent after %d ids; the next tick resumes", entity, cp.listed)
             return FanoutResult(entity, cp.run_id, "paused", cp.listed, cp.messages, cp.expected)
+        progressed = True
         expect = cp.pages > 0 or cp.expected > 0
         page = await runtime.billing.list_page(entity, params, expect_records=expect)
         fresh = _new_ids(cp, page.records)

@@ -119,6 +119,7 @@ async def build(settings: Settings) -> Runtime:
             api_key=settings.billing_api_key.get_secret_value(),
             pagination=settings.billing_pagination,
             rate_limit_rps=settings.billing_rate_limit_rps,
+            page_size=settings.billing_page_size,
         ),
         breaker=billing_breaker,
         verify=_verify(settings.billing_ca_bundle),

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     billing_rate_limit_rps: Annotated[float, Field(gt=0, le=1000, validation_alias=_env("BILLING_RATE_LIMIT_RPS"))] = (
         10.0
     )
+    billing_page_size: Annotated[int, Field(ge=10, le=1000, validation_alias=_env("BILLING_PAGE_SIZE"))] = 1000
     billing_ca_bundle: Annotated[str | None, Field(validation_alias=_env("BILLING_CA_BUNDLE"))] = None
     webhook_secret: Annotated[SecretStr | None, Field(validation_alias=_env("BILLING_WEBHOOK_SECRET"))] = None
     webhook_tolerance_s: Annotated[int, Field(ge=10, le=3600, validation_alias=_env("WEBHOOK_TOLERANCE_SECONDS"))] = 300

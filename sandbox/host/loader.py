@@ -128,6 +128,11 @@ def _to_spec(function: Any, script: Path) -> FunctionSpec:
     )
 
 
+def _installed_roots() -> list[Path]:
+    """Where installed packages live (a virtual environment may sit inside the app folder: `.venv`)."""
+    return [Path(p).resolve() for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
+
+
 def unload_app(app_dir: Path) -> None:
     """Undo what load_app did to the interpreter: the app folder on sys.path and the modules it imported from there.
 
@@ -141,5 +146,8 @@ def unload_app(app_dir: Path) -> None:
         if name in preloaded:
             continue
         file = getattr(module, "__file__", None)
-        if file and Path(file).resolve().is_relative_to(app_dir):
+        if not file:
+            continue
+        path = Path(file).resolve()
+        if path.is_relative_to(app_dir) and not any(path.is_relative_to(p) for p in _installed_roots()):
             del sys.modules[name]

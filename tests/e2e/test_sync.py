@@ -20,7 +20,8 @@ from sandbox.crm_check import CrmCheck
 from sandbox.dataverse_sim.schema import TABLES
 from sandbox.faults import FaultProfile, load_profile
 from sandbox.platform import Platform, PlatformOptions, platform
-from shared import dlq, state
+from sandbox.sync_demo import metric_points, metric_reader
+from shared import dlq, fanout, state, telemetry
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -339,3 +340,43 @@ async def test_health_needs_a_key_and_reports_runs_lag_dlq_and_breakers(quiet: P
     assert body["entities"]["customers"]["lag_seconds"] >= 0
     assert isinstance(body["dlq_depth"], int)
     assert {r["entity"] for r in body["recent_runs"]} == {"customers", "invoices"}
+
+
+async def test_a_sync_emits_the_metrics_the_alerts_use_to_an_in_memory_reader(quiet: Platform) -> None:
+    reader = metric_reader()
+    p = quiet
+    await p.sync_until_complete(timeout_s=120)
+    async with httpx.AsyncClient(base_url=p.host.http_url or "") as http:
+        await http.get("/api/health", headers={"x-functions-key": p.settings["SANDBOX_HOST_FUNCTION_KEY"]})
+    points = metric_points(reader)
+    by_outcome = Counter(dict(a).get("outcome") for a, v in points[telemetry.RECORDS].items() for _ in range(int(v)))
+    assert by_outcome["written"] > 0
+    assert any(("outcome", "succeeded") in a for a in points[telemetry.BATCHES])
+    assert {dict(a)["system"] for a in points[telemetry.API_REQUESTS]} == {"billing", "dataverse"}
+    assert any(("outcome", "completed") in a for a in points[telemetry.RUNS])
+    for gauge in (telemetry.DLQ_DEPTH, telemetry.BREAKER_STATE, telemetry.LAG):
+        assert gauge in points, gauge
+    assert set(points) <= set(telemetry.ALL_METRICS)
+
+
+async def test_fan_out_stops_at_its_time_budget_and_the_next_tick_resumes_where_it_stopped(azurite: Azurite) -> None:
+    slow = FaultProfile.model_validate({"billing": {"latency_ms": {"min": 150, "max": 150}}})
+    settings = {"BILLING_PAGE_SIZE": "10", "SYNC_BATCH_SIZE": "10"}
+    async with platform(options(azurite, records=80, profile=slow, settings=settings, webhooks=False)) as p:
+        p.billing.simulator.mutations_paused = True
+        runtime = await p.runtime()
+        outcomes: list[str] = []
+        for _ in range(60):
+            results = await fanout.fan_out(runtime, budget_s=0.4)  # a page or two per tick
+            outcomes += [r.outcome for r in results]
+            if all(r.outcome == "completed" for r in results):
+                break
+        assert outcomes.count("paused") >= 3
+        await p.wait_idle(timeout_s=120)
+        runs = [r for r in await state.recent_runs(runtime.tables, limit=200) if int(r.get("listed") or 0)]
+        assert {r["entity"]: int(r["listed"]) for r in runs} == {"customers": 20, "invoices": 80}
+        for run in runs:
+            _, totals = await ledger(p, run["RowKey"])
+            assert totals["ids"] == int(run["listed"])  # every id enqueued once across the pauses
+        report = await check(p)
+        assert report.ok, report.differences[:5]
