@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import secrets
 import ssl
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 
 from azure.core.credentials import AccessToken
 
+from bench import record
 from sandbox.dataverse_sim.run import RunningDataverse, dataverse_server
 from sandbox.faults import DataverseFaults, FaultProfile, ServiceProtection
 from shared.dataverse.client import (
@@ -33,7 +31,6 @@ from shared.dataverse.client import (
     UpsertRow,
 )
 
-RESULTS = Path(__file__).parent / "results"
 WINDOW_S = 5.0
 EXECUTION_MS = 2_500.0
 MS_PER_RECORD = 0.25
@@ -126,12 +123,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1)
     args = parser.parse_args()
     outcome = asyncio.run(run(args.rows, args.chunk_size, args.users))
-    summary = {"benchmark": "dataverse-ceiling", "at": datetime.now(UTC).isoformat(), **asdict(outcome)}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"dataverse-ceiling-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(summary, indent=2))  # noqa: T201 - a command-line tool's output
-    print(f"written to {path}")  # noqa: T201
+    record("dataverse-ceiling", asdict(outcome))
 
 
 if __name__ == "__main__":

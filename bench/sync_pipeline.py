@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench import record
 from sandbox.dataverse_sim.schema import TABLES
 from sandbox.platform import PlatformOptions, platform
-
-RESULTS = Path(__file__).parent / "results"
 
 
 async def run(records: int, events: int) -> dict[str, Any]:
@@ -67,12 +63,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20)
     args = parser.parse_args()
     outcome = asyncio.run(run(args.records, args.events))
-    summary = {"benchmark": "sync-pipeline", "at": datetime.now(UTC).isoformat(), **outcome}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"sync-pipeline-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(summary, indent=2))  # noqa: T201 - a command-line tool's output
-    print(f"written to {path}")  # noqa: T201
+    record("sync-pipeline", outcome)
 
 
 if __name__ == "__main__":
