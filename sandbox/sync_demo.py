@@ -256,10 +256,9 @@ async def run_sync_demo(
     reader = metric_reader()
     started = time.perf_counter()
     async with platform(options) as p:
-        console.print(f"Azurite {p.conn.split(';')[-1] if p.conn else ''}")
-        console.print(
-            f"billing simulator {p.billing.url}; Dataverse simulator {p.dataverse.url}; host {p.host.http_url}"
-        )
+        queue = next(part for part in p.conn.split(";") if part.startswith("QueueEndpoint="))
+        console.print(f"billing simulator {p.billing.url}, Dataverse simulator {p.dataverse.url}")
+        console.print(f"Functions host {p.host.http_url}, Azurite {queue}")
         notes = preseed_drift(p, seed=seed)
         console.print(f"CRM pre-seeded with a drifted copy of {len(notes):,} accounts and their invoices")
         full = await _phase(p, "full sync", console, reader)
@@ -286,7 +285,7 @@ async def run_sync_demo(
             invalid_by_reason=dict(Counter(str(r.get("reason_kind")) for r in open_rows)),
             deferred_messages=deferred,
             retried={
-                "billing requests retried": p_retries(runtime, "billing"),
+                "billing requests retried": int(runtime.billing.stats.retries),
                 "dataverse 429s": int(runtime.dataverse.stats.throttled),
                 "deliveries that failed and were redelivered": sum(s.failed for s in stats),
                 "duplicate deliveries injected": sum(s.duplicated for s in stats),
@@ -305,10 +304,6 @@ async def run_sync_demo(
             _print_keep(p, console)
             await asyncio.Event().wait()
     return check.ok, summary
-
-
-def p_retries(runtime: Runtime, system: str) -> int:
-    return int(runtime.billing.stats.retries) if system == "billing" else 0
 
 
 def _print(s: DemoSummary, console: Console) -> None:

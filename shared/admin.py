@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import azure.functions as func
@@ -143,7 +142,7 @@ async def health(runtime: Runtime) -> func.HttpResponse:
         cp = await state.read_checkpoint(runtime.tables, entity)
         lag = None
         if cp.watermark:
-            lag = round((state.utcnow() - datetime.fromisoformat(cp.watermark.replace("Z", "+00:00"))).total_seconds())
+            lag = round((state.utcnow() - state.parse_iso(cp.watermark)).total_seconds())
             runtime.metrics.lag.set(lag, {"entity": entity})
         entities[entity] = {
             "watermark": cp.watermark or None,

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Literal
 
 from shared import messages, state
@@ -67,7 +67,7 @@ async def _start(runtime: Runtime, cp: Checkpoint) -> Checkpoint:
     started = state.utcnow()
     since = ""
     if cp.watermark:
-        since = state.iso(_parse(cp.watermark) - timedelta(seconds=runtime.settings.overlap_s))
+        since = state.iso(state.parse_iso(cp.watermark) - timedelta(seconds=runtime.settings.overlap_s))
     entity: Entity = cp.entity  # type: ignore[assignment]
     expected = await runtime.billing.count(entity, since)
     cp.run_id = state.run_id_for(entity, started)
@@ -147,7 +147,7 @@ async def _finish(runtime: Runtime, cp: Checkpoint) -> FanoutResult:
     await state.write_checkpoint(runtime.tables, cp)
     runtime.metrics.runs.add(1, {"entity": cp.entity, "outcome": result.outcome})
     if cp.watermark:
-        lag = (state.utcnow() - _parse(cp.watermark)).total_seconds()
+        lag = (state.utcnow() - state.parse_iso(cp.watermark)).total_seconds()
         runtime.metrics.lag.set(lag, {"entity": cp.entity})
     log.info("fan-out %s: run %s %s: %d ids in %d messages", cp.entity, result.run_id, result.outcome,
              cp.listed, cp.messages)  # fmt: skip
@@ -176,7 +176,3 @@ async def _send(runtime: Runtime, entity: Entity, ids: list[str], run_id: str) -
 
     await asyncio.gather(*(one(m) for m in batch))
     return len(batch)
-
-
-def _parse(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
