@@ -136,8 +136,17 @@ async def requeue(runtime: Runtime, rows: list[dict[str, Any]]) -> ReprocessResu
 # ---- health ----
 
 
-async def health(runtime: Runtime) -> func.HttpResponse:
-    entities = {}
+@dataclass
+class Observed:
+    entities: dict[str, dict[str, Any]]
+    breakers: dict[str, str]
+    dlq_depth: int
+
+
+async def observe(runtime: Runtime) -> Observed:
+    """Measure lag, breaker states and DLQ depth, and record them as gauges (health and every fan-out tick call
+    this, so the alerts on them have fresh values even when nobody looks at health)."""
+    entities: dict[str, dict[str, Any]] = {}
     for entity in runtime.settings.entity_list:
         cp = await state.read_checkpoint(runtime.tables, entity)
         lag = None
@@ -150,13 +159,18 @@ async def health(runtime: Runtime) -> func.HttpResponse:
             "last_completed": cp.last_completed or None,
             "listing": {"run_id": cp.run_id, "listed": cp.listed, "expected": cp.expected} if cp.run_id else None,
         }
-    breakers = {}
+    breakers: dict[str, str] = {}
     for breaker in (runtime.billing_breaker, runtime.dataverse_breaker):
         current = await breaker.read()
         breakers[breaker.system] = current.state
         runtime.metrics.breaker_state.set(BREAKER_VALUES[current.state], {"system": breaker.system})
     depth = await dlq.depth(runtime.tables)
     runtime.metrics.dlq_depth.set(depth)
+    return Observed(entities, breakers, depth)
+
+
+async def health(runtime: Runtime) -> func.HttpResponse:
+    seen = await observe(runtime)
     runs = [
         {
             k: r.get(k)
@@ -164,14 +178,14 @@ async def health(runtime: Runtime) -> func.HttpResponse:
         }
         for r in await state.recent_runs(runtime.tables, limit=10)
     ]
-    status = "degraded" if any(s != "closed" for s in breakers.values()) else "ok"
+    status = "degraded" if any(s != "closed" for s in seen.breakers.values()) else "ok"
     return _json(
         {
             "status": status,
             "version": __version__,
-            "entities": entities,
-            "dlq_depth": depth if depth < dlq.DEPTH_CAP else f"{dlq.DEPTH_CAP}+",
-            "breakers": breakers,
+            "entities": seen.entities,
+            "dlq_depth": seen.dlq_depth if seen.dlq_depth < dlq.DEPTH_CAP else f"{dlq.DEPTH_CAP}+",
+            "breakers": seen.breakers,
             "recent_runs": [{"run_id": r.pop("RowKey"), **r} for r in runs],
         }
     )

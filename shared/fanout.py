@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from shared import messages, state
+from shared import admin, messages, state
 from shared.billing.models import Entity, Light
 from shared.errors import CircuitOpenError
 from shared.runtime import Runtime
@@ -60,6 +60,7 @@ async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[Fa
             log.warning("fan-out %s: %s; the next tick resumes", entity, exc)
             results.append(FanoutResult(entity, "", "deferred", 0, 0, 0))
             runtime.metrics.runs.add(1, {"entity": entity, "outcome": "deferred"})
+    await admin.observe(runtime)  # the gauges the alerts read: DLQ depth, breaker states, lag
     return results
 
 

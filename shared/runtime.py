@@ -138,6 +138,8 @@ async def build(settings: Settings) -> Runtime:
     for client in (queue, poison):
         with contextlib.suppress(ResourceExistsError):
             await client.create_queue()
+    metrics = instruments()
+    metrics.poison.add(0, {"queue": settings.queue_name})  # report zero, not nothing: alerts tell the two apart
     return Runtime(
         settings=settings,
         tables=tables,
@@ -147,7 +149,7 @@ async def build(settings: Settings) -> Runtime:
         dataverse=dataverse,
         billing_breaker=billing_breaker,
         dataverse_breaker=CircuitBreaker(breakers, "dataverse", config),
-        metrics=instruments(),
+        metrics=metrics,
     )
 
 

@@ -1,0 +1,72 @@
+// Key Vault for the three secrets. RBAC authorization (no access policies); the app's identity reads secrets
+// (Key Vault Secrets User, see rbac.bicep) through Key Vault references in its app settings.
+param name string
+param location string
+param tags object
+@secure()
+@description('The billing platform API key.')
+param billingApiKey string
+@secure()
+@description('The billing webhook HMAC secret.')
+param billingWebhookSecret string
+@secure()
+@description('Dataverse client secret(s), comma-separated; empty with managed identity.')
+param dataverseClientSecret string
+@description('Secrets expire one year after this (forces a yearly rotation; see docs/operations.md).')
+param issuedAt string
+
+var expires = dateTimeToEpoch(dateTimeAdd(issuedAt, 'P1Y'))
+
+// checkov:skip=CKV_AZURE_109: Flex Consumption apps without VNet integration resolve Key Vault references over the public endpoint; RBAC still gates every read
+// checkov:skip=CKV_AZURE_189: as above, public network access is needed unless the app is VNet-integrated
+resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
+  name: name
+  location: location
+  tags: tags
+  properties: {
+    tenantId: subscription().tenantId
+    sku: { family: 'A', name: 'standard' }
+    enableRbacAuthorization: true
+    enableSoftDelete: true
+    softDeleteRetentionInDays: 90
+    enablePurgeProtection: true
+    publicNetworkAccess: 'Enabled'
+    networkAcls: { bypass: 'AzureServices', defaultAction: 'Allow' }
+  }
+}
+
+resource billingKey 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
+  parent: vault
+  name: 'billing-api-key'
+  properties: {
+    value: billingApiKey
+    contentType: 'text/plain'
+    attributes: { enabled: true, exp: expires }
+  }
+}
+
+resource webhookSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
+  parent: vault
+  name: 'billing-webhook-secret'
+  properties: {
+    value: billingWebhookSecret
+    contentType: 'text/plain'
+    attributes: { enabled: true, exp: expires }
+  }
+}
+
+resource dataverseSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empty(dataverseClientSecret)) {
+  parent: vault
+  name: 'dataverse-client-secret'
+  properties: {
+    value: dataverseClientSecret
+    contentType: 'text/plain'
+    attributes: { enabled: true, exp: expires }
+  }
+}
+
+output id string = vault.id
+output name string = vault.name
+output billingApiKeyUri string = billingKey.properties.secretUri
+output webhookSecretUri string = webhookSecret.properties.secretUri
+output dataverseSecretUri string = empty(dataverseClientSecret) ? '' : dataverseSecret.properties.secretUri
