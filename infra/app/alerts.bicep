@@ -25,6 +25,8 @@ param breakerOpenMinutes int
 @description('Alert when the app logs more exceptions than this within 15 minutes.')
 param exceptionBurstThreshold int
 
+var teamsReceiver = { name: 'teams', serviceUri: teamsWebhookUrl, useCommonAlertSchema: true }
+
 resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = {
   name: '${namePrefix}ag'
   location: 'global'
@@ -35,9 +37,7 @@ resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = {
     emailReceivers: [
       for (email, i) in alertEmails: { name: 'email-${i}', emailAddress: email, useCommonAlertSchema: true }
     ]
-    webhookReceivers: empty(teamsWebhookUrl)
-      ? []
-      : [{ name: 'teams', serviceUri: teamsWebhookUrl, useCommonAlertSchema: true }]
+    webhookReceivers: empty(teamsWebhookUrl) ? [] : [teamsReceiver]
   }
 }
 

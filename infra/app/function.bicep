@@ -22,6 +22,7 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
 }
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_225: zone redundancy of Flex Consumption depends on the region; set zoneRedundant where it is offered
   name: planName
   location: location
   tags: tags
@@ -30,8 +31,11 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   properties: { reserved: true }
 }
 
-// checkov:skip=CKV_AZURE_17: client certificates do not fit the billing platform's webhook; it is HMAC-verified and everything else needs a function key
 resource app 'Microsoft.Web/sites@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_17: the billing platform's webhook cannot present client certificates; it is HMAC-verified and every other route needs a function key
+  // checkov:skip=CKV_AZURE_222: billing must reach the webhook; put the app behind a VNet and a gateway where the tenant requires it
+  // checkov:skip=CKV_AZURE_212: Flex Consumption scales from zero; queue and timer work tolerates a cold start, so no always-ready instances are paid for
+  // checkov:skip=CKV_AZURE_213: Flex Consumption has no platform health check; /api/health (function key) is what operators and alerts use
   name: appName
   location: location
   tags: union(tags, { 'azd-service-name': 'sync' })
@@ -69,6 +73,13 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
   }
 
   resource settings 'config' = {
+    // checkov:skip=CKV_AZURE_13: the app's routes use function keys and HMAC; App Service Authentication would block the billing webhook
+    // checkov:skip=CKV_AZURE_63: this is the appsettings resource, not siteConfig; logs go to Application Insights
+    // checkov:skip=CKV_AZURE_65: as above; not a site configuration
+    // checkov:skip=CKV_AZURE_66: as above; not a site configuration
+    // checkov:skip=CKV_AZURE_80: a Python app; no .NET Framework
+    // checkov:skip=CKV_AZURE_88: Flex Consumption deploys from a blob container; it has no Azure Files content share
+    // checkov:skip=CKV_AZURE_222: as on the site: billing must reach the webhook
     name: 'appsettings'
     properties: union(syncSettings, {
       AzureWebJobsStorage__accountName: storage.name

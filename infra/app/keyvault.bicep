@@ -17,9 +17,9 @@ param issuedAt string
 
 var expires = dateTimeToEpoch(dateTimeAdd(issuedAt, 'P1Y'))
 
-// checkov:skip=CKV_AZURE_109: Flex Consumption apps without VNet integration resolve Key Vault references over the public endpoint; RBAC still gates every read
-// checkov:skip=CKV_AZURE_189: as above, public network access is needed unless the app is VNet-integrated
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
+  // checkov:skip=CKV_AZURE_109: a Flex Consumption app without VNet integration reads Key Vault references over the public endpoint; RBAC gates every read
+  // checkov:skip=CKV_AZURE_189: as above: public network access stays on unless the app is VNet-integrated
   name: name
   location: location
   tags: tags
@@ -56,6 +56,8 @@ resource webhookSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
 }
 
 resource dataverseSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empty(dataverseClientSecret)) {
+  // checkov:skip=CKV_AZURE_41: checkov does not read the properties of a conditional resource; exp is set below
+  // checkov:skip=CKV_AZURE_114: as above; contentType is set below
   parent: vault
   name: 'dataverse-client-secret'
   properties: {

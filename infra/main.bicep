@@ -1,0 +1,222 @@
+// billing-crm-sync on Azure: a Flex Consumption Functions app, keyless storage, Key Vault, Application Insights,
+// alerts to email and Teams, and a health workbook. Deploy with `azd up`, or `az deployment group create` (README).
+targetScope = 'resourceGroup'
+
+@minLength(1)
+@maxLength(40)
+@description('Environment name (azd sets it); part of every resource name.')
+param environmentName string
+
+@description('Region of every resource.')
+param location string = resourceGroup().location
+
+@description('Billing API base URL, https://...')
+@minLength(9)
+param billingBaseUrl string
+
+@description('Dataverse organization URL, https://ORG.crm.dynamics.com')
+@minLength(9)
+param dataverseUrl string
+
+@description('Who receives alert emails (at least one address).')
+@minLength(1)
+param alertEmails array
+
+@secure()
+@description('Billing API key (stored in Key Vault).')
+param billingApiKey string
+
+@secure()
+@description('Billing webhook HMAC secret (stored in Key Vault).')
+param billingWebhookSecret string
+
+@allowed(['client_secret', 'managed_identity'])
+@description('How the app signs in to Dataverse: application users with secrets, or the app\'s managed identity.')
+param dataverseAuth string = 'client_secret'
+
+@description('Entra tenant of the Dataverse application users (client_secret only).')
+param dataverseTenantId string = subscription().tenantId
+
+@description('Application (client) ids of the Dataverse application users, comma-separated (client_secret only).')
+param dataverseClientIds string = ''
+
+@secure()
+@description('Their client secrets, comma-separated, in the same order (stored in Key Vault).')
+param dataverseClientSecret string = ''
+
+@secure()
+@description('Teams Workflows webhook URL for alerts; empty: email only.')
+param teamsWebhookUrl string = ''
+
+@description('Billing pagination of this account.')
+@allowed(['cursor', 'offset'])
+param billingPagination string = 'cursor'
+
+@description('Requests per second the app allows itself against billing (a little under the platform limit).')
+param billingRateLimitRps string = '10'
+
+@description('Fan-out schedule, NCRONTAB with seconds; keep scheduleIntervalMinutes in step.')
+param syncSchedule string = '0 */5 * * * *'
+
+@description('Minutes between fan-out ticks, for the missed-run alert.')
+@minValue(1)
+param scheduleIntervalMinutes int = 5
+
+@description('Maximum instances: instances × per-instance concurrency must stay under Dataverse service protection (README).')
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 10
+
+@description('Instance memory (MB).')
+@allowed([512, 2048, 4096])
+param instanceMemoryMB int = 2048
+
+@description('Concurrent Dataverse requests per application user per instance.')
+@minValue(1)
+@maxValue(52)
+param dataverseMaxConcurrency int = 8
+
+// Alert thresholds (DESIGN §5).
+@description('Failure rate (%) over a rolling hour.')
+param failureRatePercent string = '0.5'
+@description('Open DLQ rows.')
+param dlqOpenRowsThreshold int = 50
+@description('Poison messages in 15 minutes (0: any).')
+param poisonMessagesThreshold int = 0
+@description('Schedule intervals without a completed listing.')
+param missedRunIntervals int = 3
+@description('Minutes a breaker may stay open.')
+param breakerOpenMinutes int = 10
+@description('Exceptions in 15 minutes.')
+param exceptionBurstThreshold int = 10
+
+@description('Now; secrets expire a year later (leave the default).')
+param deployedAt string = utcNow()
+
+var abbrs = loadJsonContent('abbreviations.json')
+var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName, location))
+var tags = { 'azd-env-name': environmentName, application: 'billing-crm-sync' }
+var queueName = 'billing-sync'
+var deploymentContainerName = 'app-package-${take(resourceToken, 8)}'
+
+module identity 'app/identity.bicep' = {
+  name: 'identity'
+  params: { name: '${abbrs.managedIdentity}${resourceToken}', location: location, tags: tags }
+}
+
+module storage 'app/storage.bicep' = {
+  name: 'storage'
+  params: {
+    name: '${abbrs.storageAccount}${resourceToken}'
+    location: location
+    tags: tags
+    deploymentContainerName: deploymentContainerName
+    queueName: queueName
+  }
+}
+
+module monitoring 'app/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    logAnalyticsName: '${abbrs.logAnalyticsWorkspace}${resourceToken}'
+    applicationInsightsName: '${abbrs.applicationInsights}${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module vault 'app/keyvault.bicep' = {
+  name: 'keyvault'
+  params: {
+    name: '${abbrs.keyVault}${take(resourceToken, 20)}'
+    location: location
+    tags: tags
+    billingApiKey: billingApiKey
+    billingWebhookSecret: billingWebhookSecret
+    dataverseClientSecret: dataverseClientSecret
+    issuedAt: deployedAt
+  }
+}
+
+module rbac 'app/rbac.bicep' = {
+  name: 'rbac'
+  params: {
+    principalId: identity.outputs.principalId
+    storageAccountName: storage.outputs.name
+    keyVaultName: vault.outputs.name
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+  }
+}
+
+var clientSecretSettings = {
+  DATAVERSE_TENANT_ID: dataverseTenantId
+  DATAVERSE_CLIENT_ID: dataverseClientIds
+  DATAVERSE_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${vault.outputs.dataverseSecretUri})'
+}
+var syncBaseSettings = {
+  SYNC_SCHEDULE: syncSchedule
+  SYNC_QUEUE: queueName
+  BILLING_BASE_URL: billingBaseUrl
+  BILLING_PAGINATION: billingPagination
+  BILLING_RATE_LIMIT_RPS: billingRateLimitRps
+  BILLING_API_KEY: '@Microsoft.KeyVault(SecretUri=${vault.outputs.billingApiKeyUri})'
+  BILLING_WEBHOOK_SECRET: '@Microsoft.KeyVault(SecretUri=${vault.outputs.webhookSecretUri})'
+  DATAVERSE_URL: dataverseUrl
+  DATAVERSE_AUTH: dataverseAuth
+  DATAVERSE_MAX_CONCURRENCY: string(dataverseMaxConcurrency)
+}
+var secretSettings = dataverseAuth == 'client_secret' ? clientSecretSettings : {}
+
+module function 'app/function.bicep' = {
+  name: 'function'
+  dependsOn: [rbac]
+  params: {
+    planName: '${abbrs.appServicePlan}${resourceToken}'
+    appName: '${abbrs.functionApp}${resourceToken}'
+    location: location
+    tags: tags
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    storageAccountName: storage.outputs.name
+    deploymentContainerName: deploymentContainerName
+    applicationInsightsConnectionString: monitoring.outputs.connectionString
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+    syncSettings: union(syncBaseSettings, secretSettings)
+  }
+}
+
+module alerts 'app/alerts.bicep' = {
+  name: 'alerts'
+  params: {
+    namePrefix: '${abbrs.alertRule}${resourceToken}-'
+    location: location
+    tags: tags
+    applicationInsightsId: monitoring.outputs.applicationInsightsId
+    alertEmails: alertEmails
+    teamsWebhookUrl: teamsWebhookUrl
+    failureRatePercent: failureRatePercent
+    dlqOpenRowsThreshold: dlqOpenRowsThreshold
+    poisonMessagesThreshold: poisonMessagesThreshold
+    scheduleIntervalMinutes: scheduleIntervalMinutes
+    missedRunIntervals: missedRunIntervals
+    breakerOpenMinutes: breakerOpenMinutes
+    exceptionBurstThreshold: exceptionBurstThreshold
+  }
+}
+
+module workbook 'app/workbook.bicep' = {
+  name: 'workbook'
+  params: {
+    name: guid(resourceGroup().id, environmentName, 'billing-sync-health')
+    location: location
+    tags: tags
+    applicationInsightsId: monitoring.outputs.applicationInsightsId
+  }
+}
+
+output AZURE_FUNCTION_APP_NAME string = function.outputs.name
+output SERVICE_SYNC_URI string = function.outputs.uri
+output AZURE_KEY_VAULT_NAME string = vault.outputs.name
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName

@@ -1,0 +1,15 @@
+using './main.bicep'
+
+// Values come from the environment (azd sets AZURE_ENV_NAME; the rest you set with `azd env set NAME value` or
+// export them before `az deployment group create`). Nothing secret is written here.
+param environmentName = readEnvironmentVariable('AZURE_ENV_NAME', 'billing-sync')
+param location = readEnvironmentVariable('AZURE_LOCATION', 'westeurope')
+param billingBaseUrl = readEnvironmentVariable('BILLING_BASE_URL')
+param dataverseUrl = readEnvironmentVariable('DATAVERSE_URL')
+param alertEmails = split(readEnvironmentVariable('ALERT_EMAILS'), ',')
+param billingApiKey = readEnvironmentVariable('BILLING_API_KEY')
+param billingWebhookSecret = readEnvironmentVariable('BILLING_WEBHOOK_SECRET')
+param dataverseAuth = readEnvironmentVariable('DATAVERSE_AUTH', 'client_secret')
+param dataverseClientIds = readEnvironmentVariable('DATAVERSE_CLIENT_ID', '')
+param dataverseClientSecret = readEnvironmentVariable('DATAVERSE_CLIENT_SECRET', '')
+param teamsWebhookUrl = readEnvironmentVariable('TEAMS_WEBHOOK_URL', '')
