@@ -65,7 +65,7 @@ param scheduleIntervalMinutes int = 5
 @description('Maximum instances: instances × per-instance concurrency must stay under Dataverse service protection (README).')
 @minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 10
+param maximumInstanceCount int = 6
 
 @description('Instance memory (MB).')
 @allowed([512, 2048, 4096])

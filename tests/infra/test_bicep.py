@@ -106,7 +106,7 @@ def test_the_app_runs_on_flex_consumption_python_311_with_sizing_parameters() ->
         "instanceMemoryMB": "instanceMemoryMB",
     }
     main = parsed(INFRA / "main.bicep")["parameters"]
-    assert main["maximumInstanceCount"]["default"] == 10
+    assert main["maximumInstanceCount"]["default"] == 6
     assert main["instanceMemoryMB"]["default"] == 2048
 
 
