@@ -10,6 +10,7 @@ import contextlib
 import logging
 import ssl
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ class Runtime:
     billing_breaker: CircuitBreaker
     dataverse_breaker: CircuitBreaker
     metrics: Instruments
-    extra: dict[str, Any] = field(default_factory=dict)
+    api_seen: Counter[str] = field(default_factory=Counter)  # API request counts already emitted as metrics
 
     async def aclose(self) -> None:
         await self.billing.aclose()

@@ -159,7 +159,7 @@ async def _record_failure(runtime: Runtime, msg: SyncMessage, exc: BaseException
 
 def _emit_api_metrics(runtime: Runtime) -> None:
     """API request counts since the last call (no await in here, so concurrent batches never count twice)."""
-    seen: Counter[str] = runtime.extra.setdefault("api_seen", Counter())
+    seen = runtime.api_seen
     billing = runtime.billing.stats.requests
     for key, n in billing.items():
         status = key.rsplit(" ", 1)[-1]
