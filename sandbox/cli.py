@@ -24,6 +24,8 @@ from sandbox.host.runtime import HostOptions, LocalHost, default_settings_file
 from sandbox.platform import PlatformOptions, platform
 from sandbox.platform_demo import run_platform_demo
 from sandbox.sync_demo import run_sync_demo
+from sandbox.telemetry_doc import DOC as TELEMETRY_DOC
+from sandbox.telemetry_doc import render as render_telemetry_doc
 from shared.mapping import render_markdown
 from shared.settings import SettingsError
 
@@ -285,6 +287,19 @@ def dataverse_sim(
         _wait_for_signal()
 
 
+@cli.command("telemetry-doc")
+def telemetry_doc(
+    write: Annotated[bool, typer.Option(help="Write docs/telemetry.md instead of printing it.")] = False,
+) -> None:
+    """docs/telemetry.md, generated from shared/telemetry.py and the alert and workbook queries in infra/."""
+    text = render_telemetry_doc()
+    if write:
+        TELEMETRY_DOC.write_text(text, encoding="utf-8")
+        print(f"wrote {TELEMETRY_DOC}")
+    else:
+        print(text)
+
+
 @cli.command("data-dictionary")
 def data_dictionary(
     write: Annotated[bool, typer.Option(help="Write docs/data-dictionary.md instead of printing it.")] = False,
@@ -308,6 +323,10 @@ def demo(
     billing_db: Annotated[Path | None, typer.Option(help="Keep the billing simulator's SQLite store here.")] = None,
     dataverse_db: Annotated[Path | None, typer.Option(help="Keep the Dataverse simulator's SQLite store here.")] = None,
     identities: Annotated[int, typer.Option(help="Dataverse application users to spread the load over.")] = 1,
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(help="Write the app's metrics here as Application Insights customMetrics rows (JSON lines)."),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """A full sync, then an incremental one, against Azurite and both simulators; exit 0 only if CRM = billing."""
@@ -324,7 +343,13 @@ def demo(
     try:
         ok, _ = asyncio.run(
             run_sync_demo(
-                records=records, seed=seed, profile_name=faults or "none", options=options, json_out=json_out, keep=keep
+                records=records,
+                seed=seed,
+                profile_name=faults or "none",
+                options=options,
+                json_out=json_out,
+                keep=keep,
+                metrics_file=metrics_file,
             )
         )
     except (AzuriteError, HostStartupError, SettingsError) as exc:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricReader, PeriodicExportingMetricReader
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -31,6 +31,7 @@ from rich.table import Table
 from sandbox.billing_sim.store import to_api
 from sandbox.crm_check import CheckReport, CrmCheck
 from sandbox.dataverse_sim.schema import TABLES
+from sandbox.metrics_file import CustomMetricsFileExporter
 from sandbox.platform import Platform, PlatformOptions, platform
 from shared import dlq, state
 from shared.billing.models import Customer, Invoice, parse_record
@@ -39,15 +40,31 @@ from shared.runtime import Runtime, get_runtime
 from shared.telemetry import RECORDS
 
 _READER: InMemoryMetricReader | None = None
+_PROVIDER: MeterProvider | None = None
+FILE_EXPORT_INTERVAL_MS = 5_000
 
 
-def metric_reader() -> InMemoryMetricReader:
-    """One in-memory reader for the process (a global meter provider can be set once)."""
-    global _READER  # noqa: PLW0603
+def metric_reader(metrics_file: Path | None = None) -> InMemoryMetricReader:
+    """One in-memory reader for the process (a global meter provider can be set once), and with `metrics_file`
+    a file exporter that writes the rows Application Insights would get (`sandbox.metrics_file`)."""
+    global _READER, _PROVIDER  # noqa: PLW0603
     if _READER is None:
         _READER = InMemoryMetricReader()
-        otel_metrics.set_meter_provider(MeterProvider(metric_readers=[_READER]))
+        readers: list[MetricReader] = [_READER]
+        if metrics_file is not None:
+            exporter = CustomMetricsFileExporter(metrics_file)
+            readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=FILE_EXPORT_INTERVAL_MS))
+        _PROVIDER = MeterProvider(metric_readers=readers)
+        otel_metrics.set_meter_provider(_PROVIDER)
+    elif metrics_file is not None:
+        raise RuntimeError("the metrics file must be chosen before the first metric reader is made")
     return _READER
+
+
+def flush_metrics() -> None:
+    """Export what the readers have not exported yet (the file's last rows)."""
+    if _PROVIDER is not None:
+        _PROVIDER.force_flush()
 
 
 def metric_points(reader: InMemoryMetricReader) -> dict[str, Counter[tuple[tuple[str, Any], ...]]]:
@@ -251,9 +268,10 @@ async def run_sync_demo(
     json_out: Path | None = None,
     keep: bool = False,
     console: Console | None = None,
+    metrics_file: Path | None = None,
 ) -> tuple[bool, DemoSummary]:
     console = console or Console()
-    reader = metric_reader()
+    reader = metric_reader(metrics_file)
     started = time.perf_counter()
     async with platform(options) as p:
         queue = next(part for part in p.conn.split(";") if part.startswith("QueueEndpoint="))
@@ -298,6 +316,9 @@ async def run_sync_demo(
             },
         )
         _print(summary, console)
+        if metrics_file is not None:
+            await asyncio.to_thread(flush_metrics)
+            console.print(f"metrics, as Application Insights' customMetrics rows: {metrics_file}")
         if json_out is not None:
             await asyncio.to_thread(json_out.write_text, json.dumps(summary.as_json(), indent=2), encoding="utf-8")
         if keep:

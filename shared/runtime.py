@@ -70,17 +70,19 @@ def _queue(settings: Settings, name: str) -> QueueClient:
         return QueueClient.from_connection_string(
             settings.storage_connection, name, message_encode_policy=encode, message_decode_policy=decode
         )
-    url = f"https://{settings.storage_account}.queue.core.windows.net"
     return QueueClient(
-        url, name, credential=_storage_credential(settings), message_encode_policy=encode, message_decode_policy=decode
+        settings.queue_service_url,
+        name,
+        credential=_storage_credential(settings),
+        message_encode_policy=encode,
+        message_decode_policy=decode,
     )
 
 
 def _tables(settings: Settings) -> StateTables:
     if settings.storage_connection:
         return StateTables.from_connection_string(settings.storage_connection, settings.table_prefix)
-    url = f"https://{settings.storage_account}.table.core.windows.net"
-    return StateTables.from_account(url, _storage_credential(settings), settings.table_prefix)
+    return StateTables.from_account(settings.table_service_url, _storage_credential(settings), settings.table_prefix)
 
 
 def dataverse_credentials(settings: Settings) -> dict[str, Credential]:

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _QUEUE = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
 _TABLE_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,20}$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
 class SettingsError(ValueError):
@@ -33,6 +34,12 @@ class Settings(BaseSettings):
     storage_connection: Annotated[str | None, Field(validation_alias=_env("AzureWebJobsStorage"))] = None
     storage_account: Annotated[str | None, Field(validation_alias=_env("AzureWebJobsStorage__accountName"))] = None
     storage_client_id: Annotated[str | None, Field(validation_alias=_env("AzureWebJobsStorage__clientId"))] = None
+    storage_queue_uri: Annotated[str | None, Field(validation_alias=_env("AzureWebJobsStorage__queueServiceUri"))] = (
+        None
+    )
+    storage_table_uri: Annotated[str | None, Field(validation_alias=_env("AzureWebJobsStorage__tableServiceUri"))] = (
+        None
+    )
     queue_name: Annotated[str, Field(validation_alias=_env("SYNC_QUEUE"))] = "billing-sync"
     table_prefix: Annotated[str, Field(validation_alias=_env("SYNC_TABLE_PREFIX"))] = ""
 
@@ -79,8 +86,11 @@ class Settings(BaseSettings):
     appinsights_connection: Annotated[
         SecretStr | None, Field(validation_alias=_env("APPLICATIONINSIGHTS_CONNECTION_STRING"))
     ] = None
+    appinsights_auth: Annotated[
+        str | None, Field(validation_alias=_env("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"))
+    ] = None
 
-    @field_validator("billing_url", "dataverse_url", "dataverse_authority")
+    @field_validator("billing_url", "dataverse_url", "dataverse_authority", "storage_queue_uri", "storage_table_uri")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is None:
@@ -94,6 +104,32 @@ class Settings(BaseSettings):
     def _https(cls, value: str) -> str:
         if not value.startswith("https://"):
             raise ValueError("must be an https:// URL (Dataverse serves HTTPS only)")
+        return value
+
+    @field_validator("appinsights_connection")
+    @classmethod
+    def _connection_string(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = _pairs(value.get_secret_value())
+        if parts is None or not (parts.get("instrumentationkey") or parts.get("ingestionendpoint")):
+            raise ValueError("must be an Application Insights connection string (InstrumentationKey=...;...)")
+        return value
+
+    @field_validator("appinsights_auth")
+    @classmethod
+    def _auth_string(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = _pairs(value)
+        if (
+            parts is None
+            or parts.get("authorization", "").upper() != "AAD"
+            or set(parts) - {"authorization", "clientid"}
+        ):
+            raise ValueError("must be 'Authorization=AAD' or 'ClientId=<client id>;Authorization=AAD'")
+        if "clientid" in parts and not _GUID.match(parts["clientid"]):
+            raise ValueError("ClientId must be the managed identity's client id (a GUID)")
         return value
 
     @field_validator("queue_name")
@@ -121,8 +157,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if not self.storage_connection and not self.storage_account:
-            raise ValueError("AzureWebJobsStorage: set a connection string or AzureWebJobsStorage__accountName")
+        identity_uris = self.storage_queue_uri and self.storage_table_uri
+        if not (self.storage_connection or self.storage_account or identity_uris):
+            raise ValueError(
+                "AzureWebJobsStorage: set a connection string, AzureWebJobsStorage__accountName, or "
+                "AzureWebJobsStorage__queueServiceUri and __tableServiceUri"
+            )
         if self.dataverse_auth == "client_secret":
             if not self.dataverse_tenant_id:
                 raise ValueError("DATAVERSE_TENANT_ID: required when DATAVERSE_AUTH is client_secret")
@@ -152,8 +192,33 @@ class Settings(BaseSettings):
         return tuple(n for n in ("customers", "invoices") if n in self.entities.split(","))
 
     @property
+    def appinsights_client_id(self) -> str | None:
+        """The user-assigned identity that sends telemetry (`ClientId=` of the authentication string), if any."""
+        parts = _pairs(self.appinsights_auth or "") or {}
+        return parts.get("clientid") or None
+
+    @property
+    def queue_service_url(self) -> str:
+        return self.storage_queue_uri or f"https://{self.storage_account}.queue.core.windows.net"
+
+    @property
+    def table_service_url(self) -> str:
+        return self.storage_table_uri or f"https://{self.storage_account}.table.core.windows.net"
+
+    @property
     def poison_queue(self) -> str:
         return f"{self.queue_name}-poison"
+
+
+def _pairs(text: str) -> dict[str, str] | None:
+    """`Key=value;Key=value` (connection-string style) with lower-cased keys; None when it is not that shape."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            return None
+        out[key.strip().lower()] = value.strip()
+    return out or None
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:

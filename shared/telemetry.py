@@ -1,55 +1,167 @@
 """Metrics through the OpenTelemetry API: one registry of names that the code, the alerts and the workbook share.
 
 The app emits through the API only. In Azure, `configure_azure_monitor()` (called by the app when
-`APPLICATIONINSIGHTS_CONNECTION_STRING` is set) sends them to Application Insights, where they land in
-`customMetrics` under these names; locally the sandbox installs an in-memory or console reader to show them.
+`APPLICATIONINSIGHTS_CONNECTION_STRING` is set, see `shared.observability`) sends them to Application Insights,
+where each export lands as a row of `customMetrics`: `name` is the metric's name, `customDimensions` its attributes,
+`valueSum` / `valueCount` / `valueMin` / `valueMax` the aggregate of the export interval. Locally the sandbox reads
+them in memory or writes the same rows to a file (`python -m sandbox demo --metrics-file F`).
+
+`SPECS` is the registry: `docs/telemetry.md` is generated from it, and tests check that every metric, dimension and
+dimension value the alert rules and the workbook query is declared here.
+
+Why the health gauges are observable with a freshness bound: Azure Monitor's exporter reads synchronous gauges
+cumulatively, so an instance that measured the DLQ depth once would send that reading every minute for as long as
+it lives, and an alert taking the newest row would see a stale value from an idle instance. A `FreshGauge` reports
+a reading only while it is younger than `GAUGE_MAX_AGE_S` (two default export intervals, so each reading is
+exported at least once), and the instance that measures (every fan-out tick, every health call) is the only voice.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Final
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
 from opentelemetry import metrics
-from opentelemetry.metrics import _Gauge as Gauge  # the synchronous gauge (API 1.27+); public only as _Gauge
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.util.types import Attributes
 
 log = logging.getLogger("shared.telemetry")
 
 METER_NAME: Final = "billing_crm_sync"
+GAUGE_MAX_AGE_S: Final = 120.0
 
-# The registry. Alert queries and workbook tiles may only use names listed here (a test checks it).
-RECORDS: Final = "sync_records"  # counter; entity, outcome
-BATCHES: Final = "sync_batches"  # counter; entity, outcome (succeeded, failed, deferred, malformed)
-BATCH_DURATION: Final = "sync_batch_duration_ms"  # histogram; entity
-API_REQUESTS: Final = "sync_api_requests"  # counter; system, status
-THROTTLED: Final = "sync_throttled"  # counter; system (429s and silent throttling)
-DLQ_WRITES: Final = "sync_dlq_writes"  # counter; kind (record, message), reason
-DLQ_DEPTH: Final = "sync_dlq_depth"  # gauge; unresolved rows
-POISON: Final = "sync_poison_messages"  # counter; queue
-BREAKER_STATE: Final = "sync_breaker_state"  # gauge; system (0 closed, 1 half-open, 2 open)
-LAG: Final = "sync_lag_seconds"  # gauge; entity: seconds since the last complete listing started
-RUNS: Final = "sync_runs"  # counter; entity, outcome (completed, paused, failed)
-LISTED: Final = "sync_listed"  # counter; entity: ids put on the queue by fan-out
-WEBHOOKS: Final = "sync_webhooks"  # counter; outcome (accepted, bad_signature, stale, malformed)
+Kind = Literal["counter", "histogram", "gauge"]
 
-ALL_METRICS: Final = (
-    RECORDS,
-    BATCHES,
-    BATCH_DURATION,
-    API_REQUESTS,
-    THROTTLED,
-    DLQ_WRITES,
-    DLQ_DEPTH,
-    POISON,
-    BREAKER_STATE,
-    LAG,
-    RUNS,
-    LISTED,
-    WEBHOOKS,
-)
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: what the code emits, what the alerts and the workbook may query."""
+
+    name: str
+    kind: Kind
+    unit: str
+    description: str
+    dimensions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # name -> known values (empty: open)
+
+
 RECORD_OUTCOMES: Final = ("written", "unchanged", "stale", "invalid", "rejected", "not_found", "failed", "deferred")
+FAILURE_OUTCOMES: Final = ("failed", "invalid", "rejected")  # the failure-rate alert's numerator
+BATCH_OUTCOMES: Final = ("succeeded", "failed", "deferred", "malformed")
+RUN_OUTCOMES: Final = ("completed", "paused", "short", "deferred")
+WEBHOOK_OUTCOMES: Final = ("accepted", "ignored", "bad_signature", "stale", "malformed")
+ENTITIES: Final = ("customers", "invoices")
+SYSTEMS: Final = ("billing", "dataverse")
 BREAKER_VALUES: Final = {"closed": 0, "half_open": 1, "open": 2}
+
+RECORDS: Final = "sync_records"
+BATCHES: Final = "sync_batches"
+BATCH_DURATION: Final = "sync_batch_duration_ms"
+API_REQUESTS: Final = "sync_api_requests"
+THROTTLED: Final = "sync_throttled"
+DLQ_WRITES: Final = "sync_dlq_writes"
+DLQ_DEPTH: Final = "sync_dlq_depth"
+POISON: Final = "sync_poison_messages"
+BREAKER_STATE: Final = "sync_breaker_state"
+LAG: Final = "sync_lag_seconds"
+RUNS: Final = "sync_runs"
+LISTED: Final = "sync_listed"
+WEBHOOKS: Final = "sync_webhooks"
+
+SPECS: Final = (
+    MetricSpec(
+        RECORDS, "counter", "{record}",
+        "records by outcome, counted once per delivery: a record whose delivery failed counts as failed, and again "
+        "under its outcome when the redelivery syncs it",
+        {"entity": ENTITIES, "outcome": RECORD_OUTCOMES},
+    ),
+    MetricSpec(BATCHES, "counter", "{message}", "queue messages by outcome", {"entity": ENTITIES,
+                                                                             "outcome": BATCH_OUTCOMES}),
+    MetricSpec(BATCH_DURATION, "histogram", "ms", "one message, end to end (successful deliveries)",
+               {"entity": ENTITIES}),
+    MetricSpec(API_REQUESTS, "counter", "{request}", "requests to billing and Dataverse by HTTP status",
+               {"system": SYSTEMS, "status": ()}),
+    MetricSpec(THROTTLED, "counter", "{event}", "429 answers and silent throttling detected", {"system": SYSTEMS}),
+    MetricSpec(DLQ_WRITES, "counter", "{row}", "rows written to the DLQ",
+               {"kind": ("record", "message"), "reason": ()}),
+    MetricSpec(DLQ_DEPTH, "gauge", "{row}", "open DLQ rows (measured by every fan-out tick and health call)"),
+    MetricSpec(POISON, "counter", "{message}",
+               "messages that reached the poison queue (0 is reported at start-up, so no data means no app)",
+               {"queue": ()}),
+    MetricSpec(BREAKER_STATE, "gauge", "{state}", "circuit breaker: 0 closed, 1 half-open, 2 open (measured by "
+               "every fan-out tick and health call)", {"system": SYSTEMS}),
+    MetricSpec(LAG, "gauge", "s", "seconds since the start of the last complete listing", {"entity": ENTITIES}),
+    MetricSpec(RUNS, "counter", "{run}", "fan-out runs by outcome (one per entity and tick that ends or pauses)",
+               {"entity": ENTITIES, "outcome": RUN_OUTCOMES}),
+    MetricSpec(LISTED, "counter", "{record}", "ids put on the queue by fan-out", {"entity": ENTITIES}),
+    MetricSpec(WEBHOOKS, "counter", "{event}", "billing webhook events by outcome", {"outcome": WEBHOOK_OUTCOMES}),
+)  # fmt: skip
+ALL_METRICS: Final = tuple(s.name for s in SPECS)
+SPEC_BY_NAME: Final = {s.name: s for s in SPECS}
+
+
+class FreshGauge:
+    """A gauge that reports each reading (per attribute set) only while it is younger than `max_age_s`.
+
+    Readings live in one store per meter provider and name, so instruments built again for the same provider (each
+    worker builds its runtime) share them, and the one callback the SDK keeps for a name reads them all.
+    """
+
+    def __init__(self, readings: _Readings) -> None:
+        self._readings = readings
+
+    def set(self, amount: float, attributes: Attributes = None) -> None:
+        self._readings.put(amount, attributes)
+
+
+class _Readings:
+    def __init__(self, max_age_s: float, clock: Callable[[], float]) -> None:
+        self.max_age_s, self.clock = max_age_s, clock
+        self._lock = threading.Lock()
+        self._values: dict[frozenset[tuple[str, Any]], tuple[float, float]] = {}
+
+    def put(self, amount: float, attributes: Attributes) -> None:
+        key = frozenset((attributes or {}).items())
+        with self._lock:
+            self._values[key] = (amount, self.clock())
+
+    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        now = self.clock()
+        with self._lock:
+            for key in [k for k, (_, at) in self._values.items() if now - at > self.max_age_s]:
+                del self._values[key]
+            current = list(self._values.items())
+        return [Observation(amount, dict(key)) for key, (amount, _) in current]
+
+
+_GLOBAL_READINGS: dict[str, _Readings] = {}
+_PROVIDER_READINGS: weakref.WeakKeyDictionary[metrics.MeterProvider, dict[str, _Readings]] = weakref.WeakKeyDictionary()
+_READINGS_LOCK = threading.Lock()
+
+
+def _gauge(
+    meter: metrics.Meter,
+    spec: MetricSpec,
+    provider: metrics.MeterProvider | None,
+    max_age_s: float,
+    clock: Callable[[], float],
+) -> FreshGauge:
+    with _READINGS_LOCK:
+        # The global provider may still be a proxy that later hands its instruments to the real one: one store
+        # for the global case keeps every runtime's readings behind the callback that survives.
+        store = _GLOBAL_READINGS if provider is None else _PROVIDER_READINGS.setdefault(provider, {})
+        readings = store.get(spec.name)
+        if readings is None:
+            readings = store[spec.name] = _Readings(max_age_s, clock)
+            meter.create_observable_gauge(
+                spec.name, callbacks=[readings.observe], unit=spec.unit, description=spec.description
+            )
+        readings.max_age_s, readings.clock = max_age_s, clock
+    return FreshGauge(readings)
 
 
 @dataclass(frozen=True)
@@ -60,30 +172,44 @@ class Instruments:
     api_requests: metrics.Counter
     throttled: metrics.Counter
     dlq_writes: metrics.Counter
-    dlq_depth: Gauge
+    dlq_depth: FreshGauge
     poison: metrics.Counter
-    breaker_state: Gauge
-    lag: Gauge
+    breaker_state: FreshGauge
+    lag: FreshGauge
     runs: metrics.Counter
     listed: metrics.Counter
     webhooks: metrics.Counter
 
 
-def instruments(provider: metrics.MeterProvider | None = None) -> Instruments:
+def instruments(
+    provider: metrics.MeterProvider | None = None,
+    *,
+    gauge_max_age_s: float = GAUGE_MAX_AGE_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> Instruments:
     """The instruments, from the global meter provider unless one is given (tests pass their own)."""
     meter = (provider or metrics.get_meter_provider()).get_meter(METER_NAME)
+
+    def counter(name: str) -> metrics.Counter:
+        spec = SPEC_BY_NAME[name]
+        return meter.create_counter(name, unit=spec.unit, description=spec.description)
+
+    def gauge(name: str) -> FreshGauge:
+        return _gauge(meter, SPEC_BY_NAME[name], provider, gauge_max_age_s, clock)
+
+    duration = SPEC_BY_NAME[BATCH_DURATION]
     return Instruments(
-        records=meter.create_counter(RECORDS, unit="{record}", description="records by entity and outcome"),
-        batches=meter.create_counter(BATCHES, unit="{message}", description="queue messages by outcome"),
-        batch_duration=meter.create_histogram(BATCH_DURATION, unit="ms", description="one message, end to end"),
-        api_requests=meter.create_counter(API_REQUESTS, unit="{request}", description="outside API requests"),
-        throttled=meter.create_counter(THROTTLED, unit="{event}", description="429s and silent throttling"),
-        dlq_writes=meter.create_counter(DLQ_WRITES, unit="{row}", description="rows written to the DLQ"),
-        dlq_depth=meter.create_gauge(DLQ_DEPTH, unit="{row}", description="unresolved DLQ rows"),
-        poison=meter.create_counter(POISON, unit="{message}", description="messages that reached the poison queue"),
-        breaker_state=meter.create_gauge(BREAKER_STATE, description="0 closed, 1 half-open, 2 open"),
-        lag=meter.create_gauge(LAG, unit="s", description="seconds since the start of the last complete listing"),
-        runs=meter.create_counter(RUNS, unit="{run}", description="fan-out runs by outcome"),
-        listed=meter.create_counter(LISTED, unit="{record}", description="ids enqueued by fan-out"),
-        webhooks=meter.create_counter(WEBHOOKS, unit="{event}", description="billing webhook events by outcome"),
+        records=counter(RECORDS),
+        batches=counter(BATCHES),
+        batch_duration=meter.create_histogram(BATCH_DURATION, unit=duration.unit, description=duration.description),
+        api_requests=counter(API_REQUESTS),
+        throttled=counter(THROTTLED),
+        dlq_writes=counter(DLQ_WRITES),
+        dlq_depth=gauge(DLQ_DEPTH),
+        poison=counter(POISON),
+        breaker_state=gauge(BREAKER_STATE),
+        lag=gauge(LAG),
+        runs=counter(RUNS),
+        listed=counter(LISTED),
+        webhooks=counter(WEBHOOKS),
     )

@@ -81,14 +81,31 @@ async def handle(runtime: Runtime, body: bytes, *, dequeue_count: int = 1) -> Ba
     except Exception as exc:
         await _record_failure(runtime, msg, exc, dequeue_count)
         runtime.metrics.batches.add(1, {"entity": msg.entity, "outcome": "failed"})
+        # Every id of a failed delivery is accounted: what this delivery settled under its outcome, the rest as
+        # failed (the failure-rate alert counts them; the redelivery counts them again under their outcome).
+        counts = exc.counts if isinstance(exc, _Incomplete) else Counter({"failed": len(set(msg.ids))})
+        _emit_records(runtime, msg.entity, counts)
         raise
     finally:
         _emit_api_metrics(runtime)
     runtime.metrics.batches.add(1, {"entity": msg.entity, "outcome": result.outcome})
     runtime.metrics.batch_duration.record((time.perf_counter() - started) * 1000, {"entity": msg.entity})
-    for outcome, n in result.counts.items():
-        runtime.metrics.records.add(n, {"entity": msg.entity, "outcome": outcome})
+    _emit_records(runtime, msg.entity, result.counts)
     return result
+
+
+class _Incomplete(TransientError):
+    """Some records of the batch were not written after retries; `counts` says what happened to each id."""
+
+    def __init__(self, message: str, *, counts: Counter[str], system: str) -> None:
+        super().__init__(message, system=system)
+        self.counts = counts
+
+
+def _emit_records(runtime: Runtime, entity: str, counts: Counter[str]) -> None:
+    for outcome, n in counts.items():
+        if n:
+            runtime.metrics.records.add(n, {"entity": entity, "outcome": outcome})
 
 
 async def _malformed(runtime: Runtime, body: bytes, reason: str) -> BatchResult:
@@ -229,9 +246,10 @@ async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:
         await dlq.mark(runtime.tables, [(f"record-{msg.entity}", state.row_key(i)) for i in done], "resolved")
     if failed:
         await state.record_batch(runtime.tables, msg.run_id, msg.batch_id, ids=len(ids), **result.as_row())
-        raise TransientError(
+        raise _Incomplete(
             f"batch {msg.batch_id}: {len(failed)} record(s) not written after retries "
             f"({failed[0].get('message', '') if failed else ''}); the message will be redelivered",
+            counts=result.counts,
             system="dataverse",
         )
     if msg.source == "reprocess":

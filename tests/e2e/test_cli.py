@@ -13,6 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sandbox.metrics_file import read_rows
+from sandbox.telemetry_doc import infra_queries
+from shared import telemetry
 from tests.sandbox.test_host_startup import run_cli
 
 pytestmark = pytest.mark.e2e
@@ -21,8 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_demo_syncs_checks_and_writes_its_summary(tmp_path: Path) -> None:
-    out = tmp_path / "summary.json"
-    result = run_cli("demo", "--records", "300", "--faults", "realistic", "--json", str(out), timeout=170)
+    out, metrics_file = tmp_path / "summary.json", tmp_path / "metrics.jsonl"
+    result = run_cli(
+        "demo", "--records", "300", "--faults", "realistic", "--json", str(out), "--metrics-file", str(metrics_file),
+        timeout=170,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "CRM and billing agree" in result.stdout
     summary = json.loads(out.read_text())
@@ -34,6 +40,23 @@ def test_demo_syncs_checks_and_writes_its_summary(tmp_path: Path) -> None:
     assert summary["check"]["duplicates"] == 0
     assert summary["check"]["sales_columns_kept"] > 0
     assert summary["metrics"]["sync_records"] > 0
+
+    # The metrics file holds the rows Application Insights would: every metric, dimension and value the alert
+    # rules and the workbook query was emitted by this run, under that name, with those dimensions.
+    rows = read_rows(metrics_file)
+    dimensions: dict[str, set[str]] = {}
+    values: dict[str, set[str]] = {}
+    for row in rows:
+        dimensions.setdefault(row["name"], set()).update(row["customDimensions"])
+        values.setdefault(row["name"], set()).update(row["customDimensions"].values())
+    for query in infra_queries():
+        if query.metric is None:
+            continue  # the exceptions rule reads the host's exceptions table
+        assert query.metric in dimensions, f"{query.source} {query.title!r}: {query.metric} was never emitted"
+        assert query.dimensions <= dimensions[query.metric], (query.title, query.dimensions, dimensions[query.metric])
+    assert {"written", "invalid", "unchanged"} <= values[telemetry.RECORDS]
+    assert "completed" in values[telemetry.RUNS]
+    assert sum(r["valueSum"] for r in rows if r["name"] == telemetry.RECORDS) >= summary["metrics"]["sync_records"]
 
 
 def test_the_app_refuses_to_start_without_a_required_setting_and_names_it(tmp_path: Path) -> None:

@@ -222,6 +222,8 @@ async def test_a_message_that_always_fails_reaches_the_dlq_through_the_poison_qu
     quiet: Platform,
 ) -> None:
     p = quiet
+    reader = metric_reader()
+    failed_before = _failed_records(reader)
     sim = p.dataverse.simulator
     customer_ids = p.billing.store.all_ids("customers")[:3]
     secret, key = sim.client_secret, sim._signing_key
@@ -237,6 +239,7 @@ async def test_a_message_that_always_fails_reaches_the_dlq_through_the_poison_qu
     assert "401" in row["error"] or "Authentication" in row["error"] or "invalid_client" in row["error"]
     assert secret not in json.dumps(rows, default=str)
     assert crm_row(p, "account", {"accountnumber": customer_ids[0]}) is None
+    assert _failed_records(reader) - failed_before == 3 * 5  # every id of every failed delivery: the failure rate
 
     sim.client_secret, sim._signing_key = secret, key  # the cause is removed
     async with httpx.AsyncClient(base_url=p.host.http_url or "") as http:
@@ -259,6 +262,13 @@ async def test_a_message_that_always_fails_reaches_the_dlq_through_the_poison_qu
 
 async def _async(value: Any) -> Any:
     return value
+
+
+def _failed_records(reader: Any) -> int:
+    points = metric_points(reader).get(telemetry.RECORDS, Counter())
+    return int(
+        sum(v for attrs, v in points.items() if ("outcome", "failed") in attrs and ("entity", "customers") in attrs)
+    )
 
 
 async def test_reprocess_selects_rows_by_reason_and_by_id_and_deletes_nothing(quiet: Platform) -> None:
