@@ -48,6 +48,10 @@ param dataverseClientSecret string = ''
 @description('Teams Workflows webhook URL for alerts; empty: email only.')
 param teamsWebhookUrl string = ''
 
+@description('Billing entities to sync (SYNC_ENTITIES), comma-separated; the missed-run alert watches each.')
+@allowed(['customers,invoices', 'customers', 'invoices'])
+param syncEntities string = 'customers,invoices'
+
 @description('Billing pagination of this account.')
 @allowed(['cursor', 'offset'])
 param billingPagination string = 'cursor'
@@ -148,24 +152,33 @@ module rbac 'app/rbac.bicep' = {
   }
 }
 
+// Inputs no @allowed or @minLength can check: fail() stops the deployment with a message naming the parameter.
+var checkedEmails = empty(trim(join(alertEmails, ''))) ? fail('alertEmails (ALERT_EMAILS): give at least one address that receives the alerts') : (contains(alertEmails, '') ? fail('alertEmails (ALERT_EMAILS): an empty address (a stray comma?)') : alertEmails)
+var checkedBillingUrl = startsWith(billingBaseUrl, 'https://') ? billingBaseUrl : fail('billingBaseUrl (BILLING_BASE_URL): must be an https:// URL')
+var checkedDataverseUrl = startsWith(dataverseUrl, 'https://') ? dataverseUrl : fail('dataverseUrl (DATAVERSE_URL): must be an https:// URL, https://ORG.crm.dynamics.com')
+var usesClientSecret = dataverseAuth == 'client_secret'
+var checkedClientIds = usesClientSecret && empty(trim(dataverseClientIds)) ? fail('dataverseClientIds (DATAVERSE_CLIENT_ID): required when dataverseAuth is client_secret') : dataverseClientIds
+var checkedSecretUri = usesClientSecret && empty(dataverseClientSecret) ? fail('dataverseClientSecret (DATAVERSE_CLIENT_SECRET): required when dataverseAuth is client_secret') : vault.outputs.dataverseSecretUri
+
 var clientSecretSettings = {
   DATAVERSE_TENANT_ID: dataverseTenantId
-  DATAVERSE_CLIENT_ID: dataverseClientIds
-  DATAVERSE_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${vault.outputs.dataverseSecretUri})'
+  DATAVERSE_CLIENT_ID: checkedClientIds
+  DATAVERSE_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${checkedSecretUri})'
 }
 var syncBaseSettings = {
   SYNC_SCHEDULE: syncSchedule
   SYNC_QUEUE: queueName
-  BILLING_BASE_URL: billingBaseUrl
+  SYNC_ENTITIES: syncEntities
+  BILLING_BASE_URL: checkedBillingUrl
   BILLING_PAGINATION: billingPagination
   BILLING_RATE_LIMIT_RPS: billingRateLimitRps
   BILLING_API_KEY: '@Microsoft.KeyVault(SecretUri=${vault.outputs.billingApiKeyUri})'
   BILLING_WEBHOOK_SECRET: '@Microsoft.KeyVault(SecretUri=${vault.outputs.webhookSecretUri})'
-  DATAVERSE_URL: dataverseUrl
+  DATAVERSE_URL: checkedDataverseUrl
   DATAVERSE_AUTH: dataverseAuth
   DATAVERSE_MAX_CONCURRENCY: string(dataverseMaxConcurrency)
 }
-var secretSettings = dataverseAuth == 'client_secret' ? clientSecretSettings : {}
+var secretSettings = usesClientSecret ? clientSecretSettings : {}
 
 module function 'app/function.bicep' = {
   name: 'function'
@@ -178,6 +191,9 @@ module function 'app/function.bicep' = {
     identityId: identity.outputs.id
     identityClientId: identity.outputs.clientId
     storageAccountName: storage.outputs.name
+    blobServiceUri: storage.outputs.blobEndpoint
+    queueServiceUri: storage.outputs.queueEndpoint
+    tableServiceUri: storage.outputs.tableEndpoint
     deploymentContainerName: deploymentContainerName
     applicationInsightsConnectionString: monitoring.outputs.connectionString
     maximumInstanceCount: maximumInstanceCount
@@ -193,8 +209,9 @@ module alerts 'app/alerts.bicep' = {
     location: location
     tags: tags
     applicationInsightsId: monitoring.outputs.applicationInsightsId
-    alertEmails: alertEmails
+    alertEmails: checkedEmails
     teamsWebhookUrl: teamsWebhookUrl
+    entities: split(syncEntities, ',')
     failureRatePercent: failureRatePercent
     dlqOpenRowsThreshold: dlqOpenRowsThreshold
     poisonMessagesThreshold: poisonMessagesThreshold

@@ -33,3 +33,11 @@ def test_tests_and_files_cited_anywhere_in_the_docs_exist() -> None:
             if not (ROOT / file).is_file():
                 missing.append(f"{doc.name}: {file}")
     assert missing == []
+
+
+def test_the_telemetry_doc_is_generated_from_the_registry_and_the_queries() -> None:
+    from sandbox.telemetry_doc import DOC, render  # noqa: PLC0415 - one test's tool
+
+    assert DOC.read_text(encoding="utf-8") == render(), "run: python -m sandbox telemetry-doc --write"
+    for spec_name in ("sync_records", "sync_dlq_depth", "sync_breaker_state", "sync_runs", "sync_lag_seconds"):
+        assert f"| `{spec_name}` |" in DOC.read_text(encoding="utf-8")

@@ -1,5 +1,8 @@
 // Alerts on the app's own metrics in customMetrics (queue metrics are per storage account, not per queue), and an
-// action group that emails and posts to a Microsoft Teams channel (a Teams Workflows webhook URL).
+// action group that emails and posts to a Microsoft Teams channel. Teams: a Logic App turns the common alert schema
+// into an Adaptive Card and posts it to a Teams Workflows webhook ("Post to a channel when a webhook request is
+// received"), so no connector needs a person to sign in. Every metric, dimension and value the queries use is in
+// the registry of shared/telemetry.py (tests/infra/test_bicep.py checks it); docs/telemetry.md lists them.
 param namePrefix string
 param location string
 param tags object
@@ -8,8 +11,11 @@ param applicationInsightsId string
 @minLength(1)
 param alertEmails array
 @secure()
-@description('Teams Workflows webhook URL ("When a Teams webhook request is received"); empty: email only.')
+@description('Teams Workflows webhook URL ("Post to a channel when a webhook request is received"); empty: email only.')
 param teamsWebhookUrl string
+@description('The billing entities the app syncs (SYNC_ENTITIES): each must complete a listing in time.')
+@minLength(1)
+param entities array
 @description('Alert when failed, invalid and rejected records exceed this percentage of all records over an hour.')
 param failureRatePercent string
 @description('Alert when more DLQ rows than this are open.')
@@ -25,7 +31,31 @@ param breakerOpenMinutes int
 @description('Alert when the app logs more exceptions than this within 15 minutes.')
 param exceptionBurstThreshold int
 
-var teamsReceiver = { name: 'teams', serviceUri: teamsWebhookUrl, useCommonAlertSchema: true }
+var runbook = 'Runbook: docs/operations.md, "Alerts and what to do"'
+var teams = !empty(teamsWebhookUrl)
+
+resource teamsRelay 'Microsoft.Logic/workflows@2019-05-01' = if (teams) {
+  name: '${namePrefix}teams'
+  location: location
+  tags: tags
+  properties: {
+    state: 'Enabled'
+    definition: loadJsonContent('teams-relay.json')
+    parameters: { teamsWebhookUrl: { value: teamsWebhookUrl } }
+  }
+}
+
+resource teamsTrigger 'Microsoft.Logic/workflows/triggers@2019-05-01' existing = if (teams) {
+  parent: teamsRelay
+  name: 'alert'
+}
+
+var teamsReceiver = {
+  name: 'teams'
+  resourceId: teamsRelay.id
+  callbackUrl: teamsTrigger.listCallbackUrl().value
+  useCommonAlertSchema: true
+}
 
 resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = {
   name: '${namePrefix}ag'
@@ -37,9 +67,12 @@ resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = {
     emailReceivers: [
       for (email, i) in alertEmails: { name: 'email-${i}', emailAddress: email, useCommonAlertSchema: true }
     ]
-    webhookReceivers: empty(teamsWebhookUrl) ? [] : [teamsReceiver]
+    logicAppReceivers: teams ? [teamsReceiver] : []
   }
 }
+
+// One datatable row per synced entity: an entity with no completed run in the window has no metric row at all.
+var expectedEntities = '"${join(entities, '", "')}"'
 
 var rules = [
   {
@@ -47,7 +80,7 @@ var rules = [
     display: 'billing sync: failure rate above ${failureRatePercent} %'
     severity: 2
     window: 'PT1H'
-    query: format('customMetrics | where name == "sync_records" | extend outcome = tostring(customDimensions.outcome) | summarize bad = sumif(valueSum, outcome in ("failed", "invalid", "rejected")), total = sum(valueSum) | extend rate = iff(total == 0, 0.0, 100.0 * bad / total) | where rate > todouble("{0}")', failureRatePercent)
+    query: format('customMetrics | where name == "sync_records" | extend outcome = tostring(customDimensions.outcome) | summarize bad = sumif(valueSum, outcome in ("failed", "invalid", "rejected")), total = sumif(valueSum, outcome != "deferred") | extend rate = iff(total == 0, 0.0, 100.0 * bad / total) | where rate > todouble("{0}")', failureRatePercent)
     measure: ''
     operator: 'GreaterThan'
     threshold: 0
@@ -77,10 +110,10 @@ var rules = [
     display: 'billing sync: no listing completed in ${missedRunIntervals} schedule intervals'
     severity: 1
     window: 'PT${missedRunIntervals * scheduleIntervalMinutes}M'
-    query: 'customMetrics | where name == "sync_runs" | where tostring(customDimensions.outcome) == "completed" | summarize completed = sum(valueSum)'
-    measure: 'completed'
-    operator: 'LessThan'
-    threshold: 1
+    query: 'datatable(entity: string) [${expectedEntities}] | join kind=leftouter (customMetrics | where name == "sync_runs" | where tostring(customDimensions.outcome) == "completed" | summarize completed = sum(valueSum) by entity = tostring(customDimensions.entity)) on entity | where coalesce(completed, 0.0) < 1'
+    measure: ''
+    operator: 'GreaterThan'
+    threshold: 0
   }
   {
     name: 'breaker-open'
@@ -111,6 +144,7 @@ resource alerts 'Microsoft.Insights/scheduledQueryRules@2023-03-15-preview' = [
     tags: tags
     properties: {
       displayName: rule.display
+      description: '${rule.display}. ${runbook}.'
       severity: rule.severity
       enabled: true
       scopes: [applicationInsightsId]

@@ -6,6 +6,10 @@ param tags object
 param identityId string
 param identityClientId string
 param storageAccountName string
+@description('Service endpoints of the storage account (https://NAME.blob.core.windows.net/ and so on).')
+param blobServiceUri string
+param queueServiceUri string
+param tableServiceUri string
 param deploymentContainerName string
 param applicationInsightsConnectionString string
 @description('Upper bound of instances; sizes the fleet against Dataverse service protection (README "Deploy").')
@@ -82,7 +86,11 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
     // checkov:skip=CKV_AZURE_222: as on the site: billing must reach the webhook
     name: 'appsettings'
     properties: union(syncSettings, {
-      AzureWebJobsStorage__accountName: storage.name
+      // Identity-based host storage: one endpoint per service the host and the app use (blob: leases, timer
+      // status, the package; queue: the work and poison queues; table: the sync's state).
+      AzureWebJobsStorage__blobServiceUri: blobServiceUri
+      AzureWebJobsStorage__queueServiceUri: queueServiceUri
+      AzureWebJobsStorage__tableServiceUri: tableServiceUri
       AzureWebJobsStorage__credential: 'managedidentity'
       AzureWebJobsStorage__clientId: identityClientId
       APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsightsConnectionString

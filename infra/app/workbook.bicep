@@ -12,7 +12,7 @@ var tiles = [
   }
   {
     title: 'Failure rate (%)'
-    query: 'customMetrics | where name == "sync_records" | extend outcome = tostring(customDimensions.outcome) | summarize bad = sumif(valueSum, outcome in ("failed", "invalid", "rejected")), total = sum(valueSum) by bin(timestamp, 15m) | extend rate = iff(total == 0, 0.0, 100.0 * bad / total) | project timestamp, rate | render timechart'
+    query: 'customMetrics | where name == "sync_records" | extend outcome = tostring(customDimensions.outcome) | summarize bad = sumif(valueSum, outcome in ("failed", "invalid", "rejected")), total = sumif(valueSum, outcome != "deferred") by bin(timestamp, 15m) | extend rate = iff(total == 0, 0.0, 100.0 * bad / total) | project timestamp, rate | render timechart'
     visualization: 'timechart'
   }
   {
