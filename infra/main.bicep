@@ -206,6 +206,7 @@ module alerts 'app/alerts.bicep' = {
   name: 'alerts'
   params: {
     namePrefix: '${abbrs.alertRule}${resourceToken}-'
+    teamsRelayName: '${abbrs.logicApp}${resourceToken}-teams'
     location: location
     tags: tags
     applicationInsightsId: monitoring.outputs.applicationInsightsId

@@ -4,6 +4,8 @@
 // received"), so no connector needs a person to sign in. Every metric, dimension and value the queries use is in
 // the registry of shared/telemetry.py (tests/infra/test_bicep.py checks it); docs/telemetry.md lists them.
 param namePrefix string
+@description('Name of the Logic App that posts alerts to Teams.')
+param teamsRelayName string
 param location string
 param tags object
 param applicationInsightsId string
@@ -35,7 +37,7 @@ var runbook = 'Runbook: docs/operations.md, "Alerts and what to do"'
 var teams = !empty(teamsWebhookUrl)
 
 resource teamsRelay 'Microsoft.Logic/workflows@2019-05-01' = if (teams) {
-  name: '${namePrefix}teams'
+  name: teamsRelayName
   location: location
   tags: tags
   properties: {
