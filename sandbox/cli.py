@@ -23,7 +23,7 @@ from sandbox.host.errors import HostStartupError
 from sandbox.host.runtime import HostOptions, LocalHost, default_settings_file
 from sandbox.platform import PlatformOptions, platform
 from sandbox.platform_demo import run_platform_demo
-from sandbox.sync_demo import run_sync_demo
+from sandbox.sync_demo import flush_metrics, metric_reader, run_sync_demo
 from sandbox.telemetry_doc import DOC as TELEMETRY_DOC
 from sandbox.telemetry_doc import render as render_telemetry_doc
 from shared.mapping import render_markdown
@@ -36,6 +36,10 @@ cli = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+MetricsFileOpt = Annotated[
+    Path | None,
+    typer.Option(help="Write the app's metrics here as Application Insights customMetrics rows (JSON lines)."),
+]
 FaultsOpt = Annotated[
     str | None, typer.Option("--faults", help="Fault profile: none, realistic, hostile, or a JSON file.")
 ]
@@ -177,10 +181,13 @@ def up(
     schedule: Annotated[str, typer.Option(help="SYNC_SCHEDULE (NCRONTAB, with seconds).")] = "0 */1 * * * *",
     billing_db: Annotated[Path | None, typer.Option(help="Keep the billing simulator's SQLite store here.")] = None,
     dataverse_db: Annotated[Path | None, typer.Option(help="Keep the Dataverse simulator's SQLite store here.")] = None,
+    metrics_file: MetricsFileOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Like `func start` plus the emulators: Azurite, both simulators and the app, in the foreground until Ctrl-C."""
     _logging(verbose)
+    if metrics_file is not None:
+        metric_reader(metrics_file)  # before the app builds its instruments
     options = PlatformOptions(
         records=records,
         seed=seed,
@@ -211,7 +218,11 @@ def up(
             print(f"Billing API:     {p.billing.url}  (key: BILLING_API_KEY in {p.work_dir / 'local.settings.json'})")
             print(f"Dataverse API:   {p.dataverse.api}  (CA: {p.dataverse.tls.ca_pem})")
             print(f"AzureWebJobsStorage={p.conn}", flush=True)
+            if metrics_file is not None:
+                print(f"Metrics:         {metrics_file}  (customMetrics rows, every 5 s)", flush=True)
             await stop.wait()
+        if metrics_file is not None:
+            flush_metrics()
 
     try:
         asyncio.run(serve())
@@ -323,10 +334,7 @@ def demo(
     billing_db: Annotated[Path | None, typer.Option(help="Keep the billing simulator's SQLite store here.")] = None,
     dataverse_db: Annotated[Path | None, typer.Option(help="Keep the Dataverse simulator's SQLite store here.")] = None,
     identities: Annotated[int, typer.Option(help="Dataverse application users to spread the load over.")] = 1,
-    metrics_file: Annotated[
-        Path | None,
-        typer.Option(help="Write the app's metrics here as Application Insights customMetrics rows (JSON lines)."),
-    ] = None,
+    metrics_file: MetricsFileOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """A full sync, then an incremental one, against Azurite and both simulators; exit 0 only if CRM = billing."""

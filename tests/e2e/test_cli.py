@@ -76,8 +76,10 @@ def test_the_app_refuses_to_start_without_a_required_setting_and_names_it(tmp_pa
     assert "DATAVERSE_URL: must be an https:// URL" in result.stderr
 
 
-def test_up_serves_the_app_with_keys_and_stops_cleanly_on_ctrl_c() -> None:
-    command = [sys.executable, "-m", "sandbox", "up", "--records", "40", "--port", "0", "--schedule", "0 0 0 1 1 *"]
+def test_up_serves_the_app_with_keys_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    metrics_file = tmp_path / "metrics.jsonl"
+    command = [sys.executable, "-m", "sandbox", "up", "--records", "40", "--port", "0", "--schedule", "0 0 0 1 1 *",
+               "--metrics-file", str(metrics_file)]  # fmt: skip
     with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:  # noqa: S603
         try:
             assert process.stdout is not None
@@ -96,3 +98,6 @@ def test_up_serves_the_app_with_keys_and_stops_cleanly_on_ctrl_c() -> None:
             process.send_signal(signal.SIGINT)
             code = process.wait(timeout=60)
     assert code == 0
+    measured = {(r["name"], tuple(sorted(r["customDimensions"].items()))): r["value"] for r in read_rows(metrics_file)}
+    assert measured[(telemetry.BREAKER_STATE, (("system", "billing"),))] == 0  # health measured it; Ctrl-C flushed it
+    assert (telemetry.DLQ_DEPTH, ()) in measured
