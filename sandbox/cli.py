@@ -303,12 +303,7 @@ def telemetry_doc(
     write: Annotated[bool, typer.Option(help="Write docs/telemetry.md instead of printing it.")] = False,
 ) -> None:
     """docs/telemetry.md, generated from shared/telemetry.py and the alert and workbook queries in infra/."""
-    text = render_telemetry_doc()
-    if write:
-        TELEMETRY_DOC.write_text(text, encoding="utf-8")
-        print(f"wrote {TELEMETRY_DOC}")
-    else:
-        print(text)
+    _print_or_write(render_telemetry_doc(), TELEMETRY_DOC, write=write)
 
 
 @cli.command("data-dictionary")
@@ -316,10 +311,14 @@ def data_dictionary(
     write: Annotated[bool, typer.Option(help="Write docs/data-dictionary.md instead of printing it.")] = False,
 ) -> None:
     """The data dictionary generated from shared/mapping.py."""
-    text = render_markdown()
+    _print_or_write(render_markdown(), ROOT / "docs" / "data-dictionary.md", write=write)
+
+
+def _print_or_write(text: str, path: Path, *, write: bool) -> None:
+    """A generated doc: printed, or written to its place in docs/."""
     if write:
-        (ROOT / "docs" / "data-dictionary.md").write_text(text, encoding="utf-8")
-        print(f"wrote {ROOT / 'docs' / 'data-dictionary.md'}")
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
     else:
         print(text)
 

@@ -134,9 +134,7 @@ def render(queries: list[Query] | None = None) -> str:
         "| rule | query |",
         "|---|---|",
     ]
-    for q in queries:
-        if q.source == "alert":
-            lines.append(f"| `{q.title}` | `{_cell(q.kql)}` |")
+    lines += _query_rows(queries, "alert", "`{}`")
     lines += [
         "",
         f"The failure rate counts outcomes {', '.join(f'`{o}`' for o in FAILURE_OUTCOMES)} of `sync_records`: a",
@@ -150,11 +148,15 @@ def render(queries: list[Query] | None = None) -> str:
         "| tile | query |",
         "|---|---|",
     ]
-    for q in queries:
-        if q.source == "workbook":
-            lines.append(f"| {q.title} | `{_cell(q.kql)}` |")
+    lines += _query_rows(queries, "workbook", "{}")
     return "\n".join(lines) + "\n"
 
 
-def _cell(kql: str) -> str:
-    return kql.replace("|", "\\|").replace("${", "{")
+def _query_rows(queries: list[Query], source: str, title_format: str) -> list[str]:
+    """Table rows `| title | query |` of one source, the KQL in a code span with its pipes escaped."""
+    rows = []
+    for q in queries:
+        if q.source == source:
+            kql = q.kql.replace("|", "\\|").replace("${", "{")
+            rows.append(f"| {title_format.format(q.title)} | `{kql}` |")
+    return rows

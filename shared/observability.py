@@ -44,8 +44,8 @@ def telemetry_credential(settings: Settings) -> Any:
 def configure_telemetry(settings: Settings, **options: Any) -> bool:
     """Call `configure_azure_monitor()` when a connection string is set; True when it was.
 
-    `options` go to `configure_azure_monitor` as they are (tests shorten nothing here; the export interval is
-    OpenTelemetry's `OTEL_METRIC_EXPORT_INTERVAL`, 60 s by default)."""
+    `options` go to `configure_azure_monitor` as they are (a test passes `disable_offline_storage=True`). The export
+    interval is OpenTelemetry's `OTEL_METRIC_EXPORT_INTERVAL`, 60 s by default."""
     if not settings.appinsights_connection:
         return False
     try:

@@ -107,24 +107,16 @@ SPEC_BY_NAME: Final = {s.name: s for s in SPECS}
 class FreshGauge:
     """A gauge that reports each reading (per attribute set) only while it is younger than `max_age_s`.
 
-    Readings live in one store per meter provider and name, so instruments built again for the same provider (each
-    worker builds its runtime) share them, and the one callback the SDK keeps for a name reads them all.
+    One per meter provider and name: instruments built again for the same provider (each worker builds its
+    runtime) get the same gauge, whose `observe` is the one callback the SDK keeps for that name.
     """
 
-    def __init__(self, readings: _Readings) -> None:
-        self._readings = readings
-
-    def set(self, amount: float, attributes: Attributes = None) -> None:
-        self._readings.put(amount, attributes)
-
-
-class _Readings:
     def __init__(self, max_age_s: float, clock: Callable[[], float]) -> None:
         self.max_age_s, self.clock = max_age_s, clock
         self._lock = threading.Lock()
         self._values: dict[frozenset[tuple[str, Any]], tuple[float, float]] = {}
 
-    def put(self, amount: float, attributes: Attributes) -> None:
+    def set(self, amount: float, attributes: Attributes = None) -> None:
         key = frozenset((attributes or {}).items())
         with self._lock:
             self._values[key] = (amount, self.clock())
@@ -138,9 +130,9 @@ class _Readings:
         return [Observation(amount, dict(key)) for key, (amount, _) in current]
 
 
-_GLOBAL_READINGS: dict[str, _Readings] = {}
-_PROVIDER_READINGS: weakref.WeakKeyDictionary[metrics.MeterProvider, dict[str, _Readings]] = weakref.WeakKeyDictionary()
-_READINGS_LOCK = threading.Lock()
+_GLOBAL_GAUGES: dict[str, FreshGauge] = {}
+_PROVIDER_GAUGES: weakref.WeakKeyDictionary[metrics.MeterProvider, dict[str, FreshGauge]] = weakref.WeakKeyDictionary()
+_GAUGES_LOCK = threading.Lock()
 
 
 def _gauge(
@@ -150,18 +142,18 @@ def _gauge(
     max_age_s: float,
     clock: Callable[[], float],
 ) -> FreshGauge:
-    with _READINGS_LOCK:
-        # The global provider may still be a proxy that later hands its instruments to the real one: one store
-        # for the global case keeps every runtime's readings behind the callback that survives.
-        store = _GLOBAL_READINGS if provider is None else _PROVIDER_READINGS.setdefault(provider, {})
-        readings = store.get(spec.name)
-        if readings is None:
-            readings = store[spec.name] = _Readings(max_age_s, clock)
+    with _GAUGES_LOCK:
+        # The global provider may still be a proxy that later hands its instruments to the real one: one set of
+        # gauges for the global case keeps every runtime's readings behind the callback that survives.
+        store = _GLOBAL_GAUGES if provider is None else _PROVIDER_GAUGES.setdefault(provider, {})
+        gauge = store.get(spec.name)
+        if gauge is None:
+            gauge = store[spec.name] = FreshGauge(max_age_s, clock)
             meter.create_observable_gauge(
-                spec.name, callbacks=[readings.observe], unit=spec.unit, description=spec.description
+                spec.name, callbacks=[gauge.observe], unit=spec.unit, description=spec.description
             )
-        readings.max_age_s, readings.clock = max_age_s, clock
-    return FreshGauge(readings)
+        gauge.max_age_s, gauge.clock = max_age_s, clock
+    return gauge
 
 
 @dataclass(frozen=True)
