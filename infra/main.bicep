@@ -22,13 +22,16 @@ param dataverseUrl string
 @minLength(1)
 param alertEmails array
 
-@secure()
-@description('Billing API key (stored in Key Vault).')
-param billingApiKey string
+@description('Write the secrets below into Key Vault: true on the first deployment (or to replace them on purpose); false afterwards, so a provision never undoes a rotation done in Key Vault (docs/operations.md, "Rotating secrets").')
+param seedSecrets bool = false
 
 @secure()
-@description('Billing webhook HMAC secret (stored in Key Vault).')
-param billingWebhookSecret string
+@description('Billing API key, written to Key Vault when seedSecrets is true (ignored otherwise).')
+param billingApiKey string = ''
+
+@secure()
+@description('Billing webhook HMAC secret, written to Key Vault when seedSecrets is true (ignored otherwise).')
+param billingWebhookSecret string = ''
 
 @allowed(['client_secret', 'managed_identity'])
 @description('How the app signs in to Dataverse: application users with secrets, or the app\'s managed identity.')
@@ -41,7 +44,7 @@ param dataverseTenantId string = subscription().tenantId
 param dataverseClientIds string = ''
 
 @secure()
-@description('Their client secrets, comma-separated, in the same order (stored in Key Vault).')
+@description('Their client secrets, comma-separated, in the same order; written to Key Vault when seedSecrets is true.')
 param dataverseClientSecret string = ''
 
 @secure()
@@ -59,17 +62,17 @@ param billingPagination string = 'cursor'
 @description('Requests per second the app allows itself against billing (a little under the platform limit).')
 param billingRateLimitRps string = '10'
 
-@description('Fan-out schedule, NCRONTAB with seconds; keep scheduleIntervalMinutes in step.')
+@description('Fan-out schedule, NCRONTAB with seconds first.')
 param syncSchedule string = '0 */5 * * * *'
 
-@description('Minutes between fan-out ticks, for the missed-run alert.')
-@minValue(1)
-param scheduleIntervalMinutes int = 5
+@description('Minutes between fan-out ticks, for the missed-run, breaker and lag alerts; 0: derived from syncSchedule (every N minutes "S */N * * * *", every minute, hourly "S M * * * *", every H hours "S M */H * * *").')
+@minValue(0)
+param scheduleIntervalMinutes int = 0
 
-@description('Maximum instances: instances × per-instance concurrency must stay under Dataverse service protection (README).')
+@description('Maximum instances. 40 deploys under every reading of Flex Consumption\'s lowest allowed value (some pages say 40, others 1); the instances share the Dataverse application users\' budget (docs/scaling.md).')
 @minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 6
+param maximumInstanceCount int = 40
 
 @description('Instance memory (MB).')
 @allowed([512, 2048, 4096])
@@ -89,10 +92,17 @@ param dlqOpenRowsThreshold int = 50
 param poisonMessagesThreshold int = 0
 @description('Schedule intervals without a completed listing.')
 param missedRunIntervals int = 3
-@description('Minutes a breaker may stay open.')
+@description('Minutes a breaker may stay open (through its half-open probes).')
+@minValue(1)
 param breakerOpenMinutes int = 10
 @description('Exceptions in 15 minutes.')
 param exceptionBurstThreshold int = 10
+@description('Minutes of lag (since the last complete listing started) before the lag alert fires.')
+@minValue(1)
+param lagMinutes int = 60
+@description('Refused billing webhooks (bad signature, stale, malformed) in 15 minutes before the alert fires.')
+@minValue(0)
+param webhookRejectionsThreshold int = 10
 
 @description('Now; secrets expire a year later (leave the default).')
 param deployedAt string = utcNow()
@@ -102,6 +112,33 @@ var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, 
 var tags = { 'azd-env-name': environmentName, application: 'billing-crm-sync' }
 var queueName = 'billing-sync'
 var deploymentContainerName = 'app-package-${take(resourceToken, 8)}'
+
+// Inputs no @allowed or @minLength can check: fail() stops the deployment with a message naming the parameter.
+// Each is checked here, before any resource that uses it.
+var alertEmailList = [for email in alertEmails: trim(email)]
+var checkedEmails = empty(join(alertEmailList, '')) ? fail('alertEmails (ALERT_EMAILS): give at least one address that receives the alerts') : (contains(alertEmailList, '') ? fail('alertEmails (ALERT_EMAILS): an empty address (a stray comma?)') : alertEmailList)
+var checkedBillingUrl = startsWith(billingBaseUrl, 'https://') ? billingBaseUrl : fail('billingBaseUrl (BILLING_BASE_URL): must be an https:// URL')
+var checkedDataverseUrl = startsWith(dataverseUrl, 'https://') ? dataverseUrl : fail('dataverseUrl (DATAVERSE_URL): must be an https:// URL, https://ORG.crm.dynamics.com')
+var usesClientSecret = dataverseAuth == 'client_secret'
+var checkedClientIds = usesClientSecret && empty(trim(dataverseClientIds)) ? fail('dataverseClientIds (DATAVERSE_CLIENT_ID): required when dataverseAuth is client_secret') : dataverseClientIds
+var checkedBillingApiKey = seedSecrets && empty(billingApiKey) ? fail('billingApiKey (BILLING_API_KEY): required when seedSecrets (SEED_SECRETS) is true') : billingApiKey
+var checkedWebhookSecret = seedSecrets && empty(billingWebhookSecret) ? fail('billingWebhookSecret (BILLING_WEBHOOK_SECRET): required when seedSecrets (SEED_SECRETS) is true') : billingWebhookSecret
+var checkedClientSecret = seedSecrets && usesClientSecret && empty(dataverseClientSecret) ? fail('dataverseClientSecret (DATAVERSE_CLIENT_SECRET): required when dataverseAuth is client_secret and seedSecrets (SEED_SECRETS) is true') : dataverseClientSecret
+
+// The failure-rate threshold is a string (Bicep has no decimals): digits with at most one dot, above 0 and below
+// 100. "0,5" would otherwise reach the query as text that never compares true, and the rule would never fire.
+var failureRateRest = replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(failureRatePercent, '0', ''), '1', ''), '2', ''), '3', ''), '4', ''), '5', ''), '6', ''), '7', ''), '8', ''), '9', '')
+var failureRateShaped = !empty(failureRatePercent) && (empty(failureRateRest) || failureRateRest == '.') && !startsWith(failureRatePercent, '.') && !endsWith(failureRatePercent, '.')
+var checkedFailureRate = failureRateShaped ? (int(split(failureRatePercent, '.')[0]) < 100 && !empty(replace(replace(failureRatePercent, '0', ''), '.', '')) ? failureRatePercent : fail('failureRatePercent: must be above 0 and below 100 (got "${failureRatePercent}")')) : fail('failureRatePercent: a number with a dot for decimals, like 0.5 (got "${failureRatePercent}")')
+
+// The schedule interval, from the NCRONTAB schedule (seconds minutes hours days months weekdays) where its shape says
+// it; any other shape needs scheduleIntervalMinutes.
+var scheduleFields = length(split(trim(syncSchedule), ' ')) == 6 ? split(trim(syncSchedule), ' ') : fail('syncSchedule (SYNC_SCHEDULE): NCRONTAB needs six fields, seconds first, like "0 */5 * * * *" (got "${syncSchedule}")')
+var scheduleMinuteField = scheduleFields[1]
+var scheduleHourField = scheduleFields[2]
+var scheduleMinuteIsNumber = !contains(scheduleMinuteField, '*') && !contains(scheduleMinuteField, ',') && !contains(scheduleMinuteField, '-') && !contains(scheduleMinuteField, '/')
+var derivedIntervalMinutes = scheduleHourField == '*' ? (scheduleMinuteField == '*' ? 1 : (startsWith(scheduleMinuteField, '*/') ? int(substring(scheduleMinuteField, 2)) : (scheduleMinuteIsNumber ? 60 : 0))) : (scheduleMinuteIsNumber && startsWith(scheduleHourField, '*/') ? 60 * int(substring(scheduleHourField, 2)) : 0)
+var intervalMinutes = scheduleIntervalMinutes > 0 ? scheduleIntervalMinutes : (derivedIntervalMinutes > 0 ? derivedIntervalMinutes : fail('scheduleIntervalMinutes: cannot be derived from syncSchedule "${syncSchedule}"; set it to the minutes between fan-out ticks'))
 
 module identity 'app/identity.bicep' = {
   name: 'identity'
@@ -135,9 +172,10 @@ module vault 'app/keyvault.bicep' = {
     name: '${abbrs.keyVault}${take(resourceToken, 20)}'
     location: location
     tags: tags
-    billingApiKey: billingApiKey
-    billingWebhookSecret: billingWebhookSecret
-    dataverseClientSecret: dataverseClientSecret
+    seedSecrets: seedSecrets
+    billingApiKey: checkedBillingApiKey
+    billingWebhookSecret: checkedWebhookSecret
+    dataverseClientSecret: usesClientSecret ? checkedClientSecret : ''
     issuedAt: deployedAt
   }
 }
@@ -152,18 +190,12 @@ module rbac 'app/rbac.bicep' = {
   }
 }
 
-// Inputs no @allowed or @minLength can check: fail() stops the deployment with a message naming the parameter.
-var checkedEmails = empty(trim(join(alertEmails, ''))) ? fail('alertEmails (ALERT_EMAILS): give at least one address that receives the alerts') : (contains(alertEmails, '') ? fail('alertEmails (ALERT_EMAILS): an empty address (a stray comma?)') : alertEmails)
-var checkedBillingUrl = startsWith(billingBaseUrl, 'https://') ? billingBaseUrl : fail('billingBaseUrl (BILLING_BASE_URL): must be an https:// URL')
-var checkedDataverseUrl = startsWith(dataverseUrl, 'https://') ? dataverseUrl : fail('dataverseUrl (DATAVERSE_URL): must be an https:// URL, https://ORG.crm.dynamics.com')
-var usesClientSecret = dataverseAuth == 'client_secret'
-var checkedClientIds = usesClientSecret && empty(trim(dataverseClientIds)) ? fail('dataverseClientIds (DATAVERSE_CLIENT_ID): required when dataverseAuth is client_secret') : dataverseClientIds
-var checkedSecretUri = usesClientSecret && empty(dataverseClientSecret) ? fail('dataverseClientSecret (DATAVERSE_CLIENT_SECRET): required when dataverseAuth is client_secret') : vault.outputs.dataverseSecretUri
-
+// Key Vault references without a version: the app always reads a secret's current version (the platform refreshes
+// references within a day, or at once on restart), so rotating in Key Vault alone is enough.
 var clientSecretSettings = {
   DATAVERSE_TENANT_ID: dataverseTenantId
   DATAVERSE_CLIENT_ID: checkedClientIds
-  DATAVERSE_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${checkedSecretUri})'
+  DATAVERSE_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${vault.outputs.dataverseSecretUri})'
 }
 var syncBaseSettings = {
   SYNC_SCHEDULE: syncSchedule
@@ -213,13 +245,17 @@ module alerts 'app/alerts.bicep' = {
     alertEmails: checkedEmails
     teamsWebhookUrl: teamsWebhookUrl
     entities: split(syncEntities, ',')
-    failureRatePercent: failureRatePercent
+    failureRatePercent: checkedFailureRate
     dlqOpenRowsThreshold: dlqOpenRowsThreshold
     poisonMessagesThreshold: poisonMessagesThreshold
-    scheduleIntervalMinutes: scheduleIntervalMinutes
+    scheduleIntervalMinutes: intervalMinutes
     missedRunIntervals: missedRunIntervals
     breakerOpenMinutes: breakerOpenMinutes
     exceptionBurstThreshold: exceptionBurstThreshold
+    lagMinutes: lagMinutes
+    webhookRejectionsThreshold: webhookRejectionsThreshold
+    keyVaultId: vault.outputs.id
+    keyVaultLocation: location
   }
 }
 

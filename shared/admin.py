@@ -144,8 +144,17 @@ class Observed:
 
 
 async def observe(runtime: Runtime) -> Observed:
-    """Measure lag, breaker states and DLQ depth, and record them as gauges (health and every fan-out tick call
-    this, so the alerts on them have fresh values even when nobody looks at health)."""
+    """Measure breaker states, DLQ depth and lag, and record them as gauges (health and every fan-out tick call
+    this, so the alerts on them have fresh values even when nobody looks at health). Breakers first: in an outage
+    they are the readings that matter, and they need nothing but the breakers' own table."""
+    breakers: dict[str, str] = {}
+    for breaker in (runtime.billing_breaker, runtime.dataverse_breaker):
+        current = await breaker.read()
+        breakers[breaker.system] = current.state
+        runtime.metrics.breaker_state.set(BREAKER_VALUES[current.state], {"system": breaker.system})
+        runtime.metrics.breaker_open.set(round(current.open_seconds(breaker.clock())), {"system": breaker.system})
+    depth = await dlq.depth(runtime.tables)
+    runtime.metrics.dlq_depth.set(depth)
     entities: dict[str, dict[str, Any]] = {}
     for entity in runtime.settings.entity_list:
         cp = await state.read_checkpoint(runtime.tables, entity)
@@ -159,13 +168,6 @@ async def observe(runtime: Runtime) -> Observed:
             "last_completed": cp.last_completed or None,
             "listing": {"run_id": cp.run_id, "listed": cp.listed, "expected": cp.expected} if cp.run_id else None,
         }
-    breakers: dict[str, str] = {}
-    for breaker in (runtime.billing_breaker, runtime.dataverse_breaker):
-        current = await breaker.read()
-        breakers[breaker.system] = current.state
-        runtime.metrics.breaker_state.set(BREAKER_VALUES[current.state], {"system": breaker.system})
-    depth = await dlq.depth(runtime.tables)
-    runtime.metrics.dlq_depth.set(depth)
     return Observed(entities, breakers, depth)
 
 

@@ -7,6 +7,10 @@ instance wins the right to send the half-open probe.
 
 closed --(failure_threshold failures in a row)--> open --(open_for_s elapsed; one caller probes)--> half_open
 half_open --(probe succeeds)--> closed;  half_open --(probe fails)--> open
+
+`unhealthy_since` is when the breaker last left `closed`; it stays through every open / half-open round of an
+outage, so `open_seconds()` says how long calls have been paused however often probes flip the state. The
+breaker-open alert reads that figure (`sync_breaker_open_seconds`), not the state, which probes keep changing.
 """
 
 from __future__ import annotations
@@ -44,7 +48,14 @@ class BreakerState:
     failures: int = 0
     opened_at: float = 0.0
     probe_at: float = 0.0
+    unhealthy_since: float = 0.0  # when it last left closed; 0 while closed
     etag: str | None = None
+
+    def open_seconds(self, now: float) -> float:
+        """How long calls have been paused: 0 while closed, else the time since the breaker left closed."""
+        if self.state == "closed":
+            return 0.0
+        return max(0.0, now - (self.unhealthy_since or self.opened_at or now))
 
     def to_entity(self, system: str) -> dict[str, Any]:
         return {
@@ -54,6 +65,7 @@ class BreakerState:
             "failures": self.failures,
             "opened_at": self.opened_at,
             "probe_at": self.probe_at,
+            "unhealthy_since": self.unhealthy_since,
         }
 
     @classmethod
@@ -64,6 +76,7 @@ class BreakerState:
             failures=int(entity.get("failures", 0)),
             opened_at=float(entity.get("opened_at", 0.0)),
             probe_at=float(entity.get("probe_at", 0.0)),
+            unhealthy_since=float(entity.get("unhealthy_since") or entity.get("opened_at", 0.0)),
             etag=entity.metadata.get("etag") if hasattr(entity, "metadata") else None,
         )
 
@@ -165,7 +178,7 @@ class CircuitBreaker:
         def close(current: BreakerState) -> BreakerState | None:
             if current.state == "closed" and current.failures == 0:
                 return None
-            return replace(current, state="closed", failures=0, opened_at=0.0, probe_at=0.0)
+            return replace(current, state="closed", failures=0, opened_at=0.0, probe_at=0.0, unhealthy_since=0.0)
 
         await self._transition(close)
 
@@ -175,7 +188,9 @@ class CircuitBreaker:
             if current.state == "half_open" or (
                 current.state == "closed" and failures >= self.config.failure_threshold
             ):
-                return replace(current, state="open", failures=failures, opened_at=self.clock())
+                now = self.clock()
+                since = current.unhealthy_since if current.state == "half_open" and current.unhealthy_since else now
+                return replace(current, state="open", failures=failures, opened_at=now, unhealthy_since=since)
             return replace(current, failures=failures)
 
         await self._transition(fail)

@@ -33,7 +33,7 @@ log = logging.getLogger("shared.fanout")
 MAX_ROUNDS = 3
 SEND_CONCURRENCY = 16
 
-Outcome = Literal["completed", "paused", "short", "conflict", "deferred"]
+Outcome = Literal["completed", "paused", "short", "conflict", "deferred", "failed"]
 
 
 @dataclass
@@ -46,21 +46,40 @@ class FanoutResult:
     expected: int
 
 
+class FanoutFailed(Exception):
+    """Some entities' listings failed this tick (the others ran, and the health readings were taken)."""
+
+
 async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[FanoutResult]:
-    """One tick: every configured entity, customers first, within one time budget."""
+    """One tick: every configured entity, customers first, within one time budget.
+
+    Entities are isolated: one entity's failure neither skips the others nor the health readings, which are taken
+    whatever happened (an outage is exactly when the breaker and DLQ alerts need them). A failure still fails the
+    invocation afterwards, so the host records it.
+    """
     deadline = time.monotonic() + (budget_s if budget_s is not None else runtime.settings.fanout_budget_s)
-    results = []
-    for entity in runtime.settings.entity_list:
-        try:
-            results.append(await _entity(runtime, entity, deadline))
-        except CheckpointConflict as exc:
-            log.warning("fan-out %s: %s; another fan-out is running it", entity, exc)
-            results.append(FanoutResult(entity, "", "conflict", 0, 0, 0))
-        except CircuitOpenError as exc:
-            log.warning("fan-out %s: %s; the next tick resumes", entity, exc)
-            results.append(FanoutResult(entity, "", "deferred", 0, 0, 0))
-            runtime.metrics.runs.add(1, {"entity": entity, "outcome": "deferred"})
-    await admin.observe(runtime)  # the gauges the alerts read: DLQ depth, breaker states, lag
+    results: list[FanoutResult] = []
+    failures: list[str] = []
+    try:
+        for entity in runtime.settings.entity_list:
+            try:
+                results.append(await _entity(runtime, entity, deadline))
+            except CheckpointConflict as exc:
+                log.warning("fan-out %s: %s; another fan-out is running it", entity, exc)
+                results.append(FanoutResult(entity, "", "conflict", 0, 0, 0))
+            except CircuitOpenError as exc:
+                log.warning("fan-out %s: %s; the next tick resumes", entity, exc)
+                results.append(FanoutResult(entity, "", "deferred", 0, 0, 0))
+                runtime.metrics.runs.add(1, {"entity": entity, "outcome": "deferred"})
+            except Exception as exc:  # noqa: BLE001 - isolated per entity, reported below and re-raised as a whole
+                log.error("fan-out %s failed: %s: %s; the next tick retries", entity, type(exc).__name__, exc)
+                results.append(FanoutResult(entity, "", "failed", 0, 0, 0))
+                runtime.metrics.runs.add(1, {"entity": entity, "outcome": "failed"})
+                failures.append(f"{entity}: {type(exc).__name__}: {exc}")
+    finally:
+        await admin.observe(runtime)  # the gauges the alerts read: DLQ depth, breaker states, lag
+    if failures:
+        raise FanoutFailed("fan-out failed for " + "; ".join(failures))
     return results
 
 

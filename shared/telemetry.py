@@ -52,7 +52,7 @@ class MetricSpec:
 RECORD_OUTCOMES: Final = ("written", "unchanged", "stale", "invalid", "rejected", "not_found", "failed", "deferred")
 FAILURE_OUTCOMES: Final = ("failed", "invalid", "rejected")  # the failure-rate alert's numerator
 BATCH_OUTCOMES: Final = ("succeeded", "failed", "deferred", "malformed")
-RUN_OUTCOMES: Final = ("completed", "paused", "short", "deferred")
+RUN_OUTCOMES: Final = ("completed", "paused", "short", "deferred", "failed")
 WEBHOOK_OUTCOMES: Final = ("accepted", "ignored", "bad_signature", "stale", "malformed")
 ENTITIES: Final = ("customers", "invoices")
 SYSTEMS: Final = ("billing", "dataverse")
@@ -67,6 +67,7 @@ DLQ_WRITES: Final = "sync_dlq_writes"
 DLQ_DEPTH: Final = "sync_dlq_depth"
 POISON: Final = "sync_poison_messages"
 BREAKER_STATE: Final = "sync_breaker_state"
+BREAKER_OPEN: Final = "sync_breaker_open_seconds"
 LAG: Final = "sync_lag_seconds"
 RUNS: Final = "sync_runs"
 LISTED: Final = "sync_listed"
@@ -94,6 +95,9 @@ SPECS: Final = (
                {"queue": ()}),
     MetricSpec(BREAKER_STATE, "gauge", "{state}", "circuit breaker: 0 closed, 1 half-open, 2 open (measured by "
                "every fan-out tick and health call)", {"system": SYSTEMS}),
+    MetricSpec(BREAKER_OPEN, "gauge", "s", "seconds since the breaker left closed, through every open and half-open "
+               "round of the outage; 0 while closed (measured by every fan-out tick and health call)",
+               {"system": SYSTEMS}),
     MetricSpec(LAG, "gauge", "s", "seconds since the start of the last complete listing", {"entity": ENTITIES}),
     MetricSpec(RUNS, "counter", "{run}", "fan-out runs by outcome (one per entity and tick that ends or pauses)",
                {"entity": ENTITIES, "outcome": RUN_OUTCOMES}),
@@ -167,6 +171,7 @@ class Instruments:
     dlq_depth: FreshGauge
     poison: metrics.Counter
     breaker_state: FreshGauge
+    breaker_open: FreshGauge
     lag: FreshGauge
     runs: metrics.Counter
     listed: metrics.Counter
@@ -200,6 +205,7 @@ def instruments(
         dlq_depth=gauge(DLQ_DEPTH),
         poison=counter(POISON),
         breaker_state=gauge(BREAKER_STATE),
+        breaker_open=gauge(BREAKER_OPEN),
         lag=gauge(LAG),
         runs=counter(RUNS),
         listed=counter(LISTED),

@@ -99,5 +99,19 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
   }
 }
 
+// No publishing with user names and passwords (FTP or the SCM site's basic auth): deployments go through Entra ID
+// (azd, `func azure functionapp publish`, the deployment container with the app's identity).
+resource scmBasicAuth 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: app
+  name: 'scm'
+  properties: { allow: false }
+}
+
+resource ftpBasicAuth 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: app
+  name: 'ftp'
+  properties: { allow: false }
+}
+
 output name string = app.name
 output uri string = 'https://${app.properties.defaultHostName}'

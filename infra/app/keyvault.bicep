@@ -1,8 +1,12 @@
 // Key Vault for the three secrets. RBAC authorization (no access policies); the app's identity reads secrets
-// (Key Vault Secrets User, see rbac.bicep) through Key Vault references in its app settings.
+// (Key Vault Secrets User, see rbac.bicep) through Key Vault references in its app settings. The secrets are written
+// only when seedSecrets is true (the first deployment): afterwards Key Vault is where they are rotated, and a
+// provision leaves the versions it holds alone. References name no version, so the newest is always read.
 param name string
 param location string
 param tags object
+@description('Write the secrets below (first deployment, or on purpose); false leaves Key Vault\'s versions alone.')
+param seedSecrets bool
 @secure()
 @description('The billing platform API key.')
 param billingApiKey string
@@ -35,7 +39,9 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   }
 }
 
-resource billingKey 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
+resource billingKey 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (seedSecrets) {
+  // checkov:skip=CKV_AZURE_41: checkov does not read the properties of a conditional resource; exp is set below
+  // checkov:skip=CKV_AZURE_114: as above; contentType is set below
   parent: vault
   name: 'billing-api-key'
   properties: {
@@ -45,7 +51,9 @@ resource billingKey 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
   }
 }
 
-resource webhookSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
+resource webhookSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (seedSecrets) {
+  // checkov:skip=CKV_AZURE_41: checkov does not read the properties of a conditional resource; exp is set below
+  // checkov:skip=CKV_AZURE_114: as above; contentType is set below
   parent: vault
   name: 'billing-webhook-secret'
   properties: {
@@ -55,7 +63,7 @@ resource webhookSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
   }
 }
 
-resource dataverseSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empty(dataverseClientSecret)) {
+resource dataverseSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (seedSecrets && !empty(dataverseClientSecret)) {
   // checkov:skip=CKV_AZURE_41: checkov does not read the properties of a conditional resource; exp is set below
   // checkov:skip=CKV_AZURE_114: as above; contentType is set below
   parent: vault
@@ -69,6 +77,7 @@ resource dataverseSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!e
 
 output id string = vault.id
 output name string = vault.name
-output billingApiKeyUri string = billingKey.properties.secretUri
-output webhookSecretUri string = webhookSecret.properties.secretUri
-output dataverseSecretUri string = empty(dataverseClientSecret) ? '' : dataverseSecret.properties.secretUri
+// Versionless secret URIs, built from the vault's URI and the names above: no output reads a secure parameter.
+output billingApiKeyUri string = '${vault.properties.vaultUri}secrets/billing-api-key'
+output webhookSecretUri string = '${vault.properties.vaultUri}secrets/billing-webhook-secret'
+output dataverseSecretUri string = '${vault.properties.vaultUri}secrets/dataverse-client-secret'

@@ -1,4 +1,4 @@
-// Log Analytics and workspace-based Application Insights. Local (instrumentation key) auth is off: the app sends
+// Log Analytics and workspace-based Application Insights, both with local (key) auth off: the app sends
 // telemetry with its managed identity (Monitoring Metrics Publisher, see rbac.bicep).
 param logAnalyticsName string
 param applicationInsightsName string
@@ -16,6 +16,7 @@ resource logAnalytics 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
   properties: {
     retentionInDays: retentionInDays
     sku: { name: 'PerGB2018' }
+    features: { disableLocalAuth: true } // queries and ingestion with Entra ID only, no workspace keys
   }
 }
 

@@ -64,7 +64,7 @@ def test_every_instrument_emits_under_its_registered_name() -> None:
                     m.webhooks):  # fmt: skip
         counter.add(1, {"entity": "customers"})
     m.batch_duration.record(5.0, {"entity": "customers"})
-    for gauge in (m.dlq_depth, m.breaker_state, m.lag):
+    for gauge in (m.dlq_depth, m.breaker_state, m.breaker_open, m.lag):
         gauge.set(1)
     assert set(points(reader)) == set(telemetry.ALL_METRICS)
 
