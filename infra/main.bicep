@@ -83,7 +83,7 @@ param instanceMemoryMB int = 2048
 @maxValue(52)
 param dataverseMaxConcurrency int = 8
 
-// Alert thresholds (DESIGN §5).
+// Alert thresholds: the runbook, docs/operations.md "Alerts and what to do", says what each means and what to do.
 @description('Failure rate (%) over a rolling hour.')
 param failureRatePercent string = '0.5'
 @description('Open DLQ rows.')
