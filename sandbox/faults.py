@@ -1,4 +1,7 @@
-"""Fault profiles (CONTRACTS.md §2): JSON validated by pydantic; unknown keys are errors naming the key."""
+"""Fault profiles: JSON validated by pydantic; unknown keys are errors naming the key.
+
+Each section is described where its simulator is: docs/local-platform.md (host), docs/billing-api.md, docs/dataverse.md.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fan-out (timer trigger `fan_out`): list what changed in billing and put its IDs on the queue, page by page.
 
-Per entity (DESIGN §1.1):
+Per entity (docs/sync.md, "Fan-out"):
 
 - a run starts from the watermark less the overlap, asks the count endpoint how many records are due, and claims
   the entity's checkpoint row (optimistic concurrency: a second fan-out running at the same time stops);

@@ -1,4 +1,4 @@
-"""The sync's state in Azure Tables (DESIGN §4), behind one module.
+"""The sync's state in Azure Tables (docs/sync.md, "State"), behind one module.
 
 | table | PartitionKey | RowKey | holds |
 |---|---|---|---|
@@ -10,7 +10,7 @@
 
 Record ids are keys as they are unless they hold a character Table keys forbid (`/ \\ # ?`, control
 characters, `%`): those are percent-encoded, so every id has exactly one key. Transactions stay within one
-partition and at most 100 operations (Azurite answers larger ones with an obscure parse error, DESIGN §9).
+partition and at most 100 operations (Azurite answers larger ones with an obscure parse error).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The batch worker (queue trigger `sync_batch`): one message of billing IDs in, the CRM in step, every id accounted.
 
-For each message (DESIGN §1.2, §1.3):
+For each message (docs/sync.md, "The batch worker"):
 
 1. parse it; a message that breaks the contract goes to the DLQ at once (no redelivery can fix it);
 2. read the stored hash rows of its ids, *then* fetch the records from billing (the order matters: hash writes are

@@ -1,4 +1,4 @@
-"""The billing platform's HTTP API, with the faults of a fault profile (CONTRACTS.md §2). See docs/billing-api.md.
+"""The billing platform's HTTP API, with the faults of a fault profile (the `billing` section). See docs/billing-api.md.
 
 Throttling, when the profile's `rate_limit.mode` is `silent`, is what the real platform does: list calls answer
 `200` with an empty page and `has_more: false`, bulk fetches answer `200` with some or none of the records. Calls

@@ -1,4 +1,4 @@
-"""Dataverse service protection, per caller identity, over a sliding window (CONTRACTS.md §2)."""
+"""Dataverse service protection, per caller identity, over a sliding window (docs/dataverse.md)."""
 
 from __future__ import annotations
 
