@@ -43,7 +43,7 @@ lint: deps
 
 bench: deps
 	$(BIN)/python -m bench.dataverse_ceiling --rows 100000
-	$(BIN)/python -m bench.dataverse_fleet --rows 120000
+	$(BIN)/python -m bench.dataverse_fleet --rows 300000
 	$(BIN)/python -m bench.sync_pipeline --records 20000 --events 20
 
 fmt: deps

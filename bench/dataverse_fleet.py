@@ -9,9 +9,11 @@ The profile is scaled so the limits bite within seconds while keeping production
 10,000 ms of execution time, 2,000 requests and 52 concurrent, 0.25 ms per record, so the sustained ceiling is
 2,000 records/s per application user, and forty requests in flight are about 10 % of the execution budget (as forty
 two-second requests are of Dataverse's 20 minutes). The first window's budget is free (an empty window), so
-throughput is measured after it.
+throughput is measured after it. 300,000 rows last about eight windows: a production backfill lasts many (a
+million rows is hours of five-minute windows), so the run's first and last windows, where a fleet learns and then
+gives back its shares, weigh about as much as they would there; `rows_per_s_by_window` shows each window.
 
-    python -m bench.dataverse_fleet [--rows 120000] [--instances 40]
+    python -m bench.dataverse_fleet [--rows 300000] [--instances 40]
 
 Reports the fleet's sustained throughput against the ceiling and against one instance alone on the same profile,
 the share of requests answered 429 (by Dataverse error code), and that every row was written exactly once. Writes
@@ -63,6 +65,7 @@ class Outcome:
     sustained_rows_per_s: float
     ceiling_rows_per_s: float
     share_of_ceiling: float
+    rows_per_s_by_window: list[float]  # each window's throughput, first (free) window included
 
 
 def _serve(conn: Connection) -> None:  # pragma: no cover - runs in the simulator's own process
@@ -73,10 +76,10 @@ def _serve(conn: Connection) -> None:  # pragma: no cover - runs in the simulato
     with dataverse_server(client_secret=secrets.token_urlsafe(16), profile=profile, dop_hint=8) as running:
         token = running.simulator.mint(IDENTITY, 3600)
         conn.send((running.url, str(running.tls.ca_pem), token))
-        while conn.recv() != "stop":
+        while (prefix := conn.recv()) != "stop":  # the rows' key prefix: count them
             sim = running.simulator
             table = running.store_table("account")
-            distinct = running.store.count(table, '"accountnumber" LIKE ?', ["FL-%"])
+            distinct = running.store.count(table, '"accountnumber" LIKE ?', [f"{prefix}%"])
             served = sum(sum(c.values()) for c in sim.stats.requests.values())
             conn.send((distinct, served, dict(sim.stats.throttled)))
 
@@ -89,8 +92,10 @@ class _Token:
         return AccessToken(self.token, int(time.time()) + 3600)
 
 
-async def _fleet(url: str, ca: str, token: str, *, instances: int, rows: int, prefix: str) -> tuple[float, int, int]:
-    """Write `rows` rows through `instances` clients; returns (sustained rows/s, written, failed)."""
+async def _fleet(
+    url: str, ca: str, token: str, *, instances: int, rows: int, prefix: str
+) -> tuple[float, int, int, list[float]]:
+    """Write `rows` rows through `instances` clients; returns (sustained rows/s, written, failed, rows/s by window)."""
     verify = ssl.create_default_context(cafile=ca)
     config = DataverseClientConfig(
         org_url=url,
@@ -124,19 +129,32 @@ async def _fleet(url: str, ca: str, token: str, *, instances: int, rows: int, pr
     after = [(t, w) for t, w in progress if t >= WINDOW_S]
     base = next(((t, w) for t, w in reversed(progress) if t < WINDOW_S), (0.0, 0))
     sustained = (after[-1][1] - base[1]) / (after[-1][0] - base[0]) if after and after[-1][0] > base[0] else 0.0
-    return sustained, totals["written"], totals["failed"]
+    return sustained, totals["written"], totals["failed"], _by_window(progress)
 
 
-def run(rows: int = 120_000, instances: int = 40, prefix: str = "FL-") -> Outcome:
+def _by_window(progress: list[tuple[float, int]]) -> list[float]:
+    """Rows per second in each window-long slice of the run (the last slice may be shorter)."""
+    rates, before, start = [], 0, 0.0
+    while progress and start < progress[-1][0]:
+        end = start + WINDOW_S
+        upto = max((w for t, w in progress if t < end), default=before)
+        rates.append(round((upto - before) / (min(end, progress[-1][0]) - start), 1))
+        before, start = upto, end
+    return rates
+
+
+def run(rows: int = 300_000, instances: int = 40, prefix: str = "FL-") -> Outcome:
     parent, child = multiprocessing.Pipe()
     server = multiprocessing.get_context("spawn").Process(target=_serve, args=(child,), daemon=True)
     server.start()
     try:
         url, ca, token = parent.recv()
         started = time.monotonic()
-        sustained, written, failed = asyncio.run(_fleet(url, ca, token, instances=instances, rows=rows, prefix=prefix))
+        sustained, written, failed, by_window = asyncio.run(
+            _fleet(url, ca, token, instances=instances, rows=rows, prefix=prefix)
+        )
         seconds = time.monotonic() - started
-        parent.send("stats")
+        parent.send(prefix)
         distinct, served, by_code = parent.recv()
         throttled = sum(by_code.values())
         parent.send("stop")
@@ -159,12 +177,13 @@ def run(rows: int = 120_000, instances: int = 40, prefix: str = "FL-") -> Outcom
         sustained_rows_per_s=round(sustained, 1),
         ceiling_rows_per_s=ceiling,
         share_of_ceiling=round(sustained / ceiling, 3),
+        rows_per_s_by_window=by_window,
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=120_000)
+    parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--instances", type=int, default=40)
     args = parser.parse_args()
     single = run(args.rows, 1)

@@ -209,6 +209,7 @@ var syncBaseSettings = {
   DATAVERSE_URL: checkedDataverseUrl
   DATAVERSE_AUTH: dataverseAuth
   DATAVERSE_MAX_CONCURRENCY: string(dataverseMaxConcurrency)
+  DATAVERSE_FLEET_SIZE: string(maximumInstanceCount)
 }
 var secretSettings = usesClientSecret ? clientSecretSettings : {}
 

@@ -26,7 +26,7 @@ from azure.storage.queue.aio import QueueClient
 from sandbox.azurite import ROOT, Azurite
 from sandbox.billing_sim.run import RunningBilling, billing_server
 from sandbox.dataverse_sim.run import RunningDataverse, dataverse_server
-from sandbox.faults import FaultProfile
+from sandbox.faults import FaultProfile, ServiceProtection
 from sandbox.host.runtime import HostOptions, LocalHost
 from shared.runtime import close_runtime
 
@@ -195,11 +195,23 @@ def app_settings(
         "DATAVERSE_CLIENT_SECRET": secrets_["dataverse"],
         "DATAVERSE_AUTHORITY": dataverse.authority,
         "DATAVERSE_CA_BUNDLE": str(dataverse.tls.ca_pem),
+        **_protection_settings(profile.dataverse.service_protection),
         "SANDBOX_HOST_FUNCTION_KEY": secrets_["function_key"],
         "SANDBOX_HOST_MASTER_KEY": secrets_["master_key"],
     }
     values.update(options.settings)
     return values
+
+
+def _protection_settings(limits: ServiceProtection | None) -> dict[str, str]:
+    """The simulated tenant's service-protection limits, as the settings that tell the app about a tenant's own."""
+    if limits is None:
+        return {}
+    return {
+        "DATAVERSE_LIMIT_WINDOW_SECONDS": str(max(1, round(limits.window_s))),
+        "DATAVERSE_LIMIT_REQUESTS": str(limits.requests),
+        "DATAVERSE_LIMIT_EXECUTION_SECONDS": str(max(1, round(limits.execution_ms / 1000))),
+    }
 
 
 @contextlib.asynccontextmanager

@@ -20,7 +20,7 @@ from azure.storage.queue.aio import QueueClient
 
 from shared.billing.client import BillingClient, BillingClientConfig
 from shared.breaker import BreakerConfig, CircuitBreaker
-from shared.dataverse.client import Credential, DataverseClient, DataverseClientConfig
+from shared.dataverse.client import Credential, DataverseClient, DataverseClientConfig, ProtectionLimits
 from shared.http import RetryPolicy
 from shared.settings import Settings
 from shared.state import StateTables
@@ -132,6 +132,12 @@ async def build(settings: Settings) -> Runtime:
             org_url=settings.dataverse_url,
             chunk_size=settings.dataverse_chunk_size,
             max_concurrency=settings.dataverse_max_concurrency,
+            limits=ProtectionLimits(
+                window_s=settings.dataverse_limit_window_s,
+                requests=settings.dataverse_limit_requests,
+                execution_ms=settings.dataverse_limit_execution_s * 1000.0,
+                fleet_size=settings.dataverse_fleet_size,
+            ),
             retry=RetryPolicy(attempts=6, total_s=120, base_s=1, cap_s=20),
         ),
         dataverse_credentials(settings),

@@ -73,6 +73,16 @@ class Settings(BaseSettings):
         int, Field(ge=1, le=52, validation_alias=_env("DATAVERSE_MAX_CONCURRENCY"))
     ] = 16
     dataverse_chunk_size: Annotated[int, Field(ge=1, le=1000, validation_alias=_env("DATAVERSE_CHUNK_SIZE"))] = 100
+    dataverse_limit_window_s: Annotated[
+        int, Field(ge=1, le=3600, validation_alias=_env("DATAVERSE_LIMIT_WINDOW_SECONDS"))
+    ] = 300
+    dataverse_limit_requests: Annotated[
+        int, Field(ge=10, le=1_000_000, validation_alias=_env("DATAVERSE_LIMIT_REQUESTS"))
+    ] = 6000
+    dataverse_limit_execution_s: Annotated[
+        int, Field(ge=1, le=360_000, validation_alias=_env("DATAVERSE_LIMIT_EXECUTION_SECONDS"))
+    ] = 1200
+    dataverse_fleet_size: Annotated[int, Field(ge=1, le=1000, validation_alias=_env("DATAVERSE_FLEET_SIZE"))] = 40
 
     # ---- the sync ----
     schedule: Annotated[str, Field(validation_alias=_env("SYNC_SCHEDULE"))] = "0 */5 * * * *"

@@ -6,7 +6,11 @@
   stands alone, so k bad rows in n cost about 2·k·log2(n) extra requests and every good row is written;
 - each application user (identity) has its own token, refreshed once on 401, its own `Retry-After` block (a 429
   pauses every request of that identity, not just the one that got it), and its own concurrency limit that starts
-  at the server's `x-ms-dop-hint`, halves on 429 and climbs back one step per round of successes;
+  at 1 (or the server's `x-ms-dop-hint` after `connect()`), halves on 429 and climbs back one step per round of
+  successes;
+- many instances of the app may share one application user's budget without knowing of each other: each paces
+  its requests at its share of what the budget refills, its share read from the remaining-budget headers
+  (`RatePacer`; docs/scaling.md says why and what it measured);
 - every value put into a URL goes through `shared.dataverse.odata`.
 """
 
@@ -16,13 +20,15 @@ import asyncio
 import inspect
 import json
 import logging
+import math
+import random
 import re
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import httpx
@@ -35,6 +41,8 @@ log = logging.getLogger("shared.dataverse")
 SYSTEM = "dataverse"
 API_PATH = "/api/data/v9.2"
 TOKEN_MARGIN_S = 300.0
+PACE_RECHECK_S = 0.5  # a paced request re-reads its rate at least this often, so a raised rate frees it sooner
+MIN_WINDOW_REQUESTS = 5  # fewer requests in the window say little about shares or costs
 
 
 class AccessTokenLike(Protocol):
@@ -127,6 +135,31 @@ class ProtectionLimits:
     requests: int = 6000
     execution_ms: float = 1_200_000.0
     floor: float = 0.02  # keep this share of each budget in hand: in-flight requests spend from it
+    pace_margin: float = 0.95  # an instance paces at this share of its share of the ceiling
+    alone_above: float = 0.9  # an instance with at least this share of its user's traffic is alone: unpaced
+    slow_below: float = 0.10  # below this share of the tighter budget left, pacing slows down towards the floor
+    fleet_size: int = 40  # an instance's share is at least half of 1/this (the plan's maximum instance count)
+
+    def boost(self, headroom: float) -> float:
+        """The pacing's correction from the headroom: 1 above `slow_below` left, falling to a quarter at the floor
+        (for when the fleet spends more than its shares say, or in a first window, which refills nothing). Not
+        lower: an instance learns only from answers, and one that barely sends would not see the budget recover."""
+        if headroom < self.slow_below:
+            return max(0.25, 0.25 + 0.75 * (headroom - self.floor) / (self.slow_below - self.floor))
+        return 1.0
+
+    def headroom(self, requests_left: int | None, time_left_ms: float | None) -> float:
+        """The tighter of the two budgets, as the share of it left (1.0 when the headers say nothing)."""
+        shares = [1.0]
+        if time_left_ms is not None:
+            shares.append(time_left_ms / self.execution_ms)
+        if requests_left is not None:
+            shares.append(requests_left / self.requests)
+        return max(0.0, min(shares))
+
+    def ceiling_rps(self, cost_ms: float) -> float:
+        """Requests per second one application user sustains: the refill rate of the tighter budget."""
+        return min(self.execution_ms / self.window_s / max(cost_ms, 1e-3), self.requests / self.window_s)
 
     def pause_for(self, requests_left: int | None, time_left_ms: float | None) -> float | None:
         """Seconds to wait so that the window refills back to the floor; None when there is room to spare."""
@@ -137,10 +170,122 @@ class ProtectionLimits:
             waits.append((self.floor * self.requests - requests_left) / (self.requests / self.window_s))
         return max(waits) if waits else None
 
+    def shortfall(self, requests_left: int | None, time_left_ms: float | None, cost_ms: float) -> float:
+        """How far below the floor the budget is, in requests of `cost_ms` each (0 when it is not)."""
+        short = 0.0
+        if time_left_ms is not None:
+            short = (self.floor * self.execution_ms - time_left_ms) / max(cost_ms, 1e-3)
+        if requests_left is not None:
+            short = max(short, self.floor * self.requests - requests_left)
+        return max(0.0, short)
+
     def roomy(self, requests_left: int | None, time_left_ms: float | None) -> bool:
         return (time_left_ms is None or time_left_ms > 2 * self.floor * self.execution_ms) and (
             requests_left is None or requests_left > 2 * self.floor * self.requests
         )
+
+
+class RatePacer:
+    """Requests per second this instance allows itself for one application user: its share of what the user's
+    budget refills.
+
+    Every instance signed in as the same application user spends one budget, and none is told how many others
+    there are. The requests-remaining header counts the requests of all of them within the window; the instance
+    knows its own, so own / all is its share (1 alone, about 1/40 among forty busy ones), a ratio of two window
+    counts that holds steady while instances come and go. Its rate is that share (at least `0.5/fleet_size`, so an
+    instance that was idle is not starved) of the user's ceiling, the refill rate of the tighter budget (from the
+    cost of a request the headers imply), slowed as the budget nears the floor (`ProtectionLimits.boost`). The
+    fleet then spends at about the rate the window refills, steadily, rather than draining the budget and all
+    waiting for it at once. Before its first answer an instance sends one request alone. An instance that has the
+    user to itself (a share of at least `alone_above`) is not paced: the floor pause and the concurrency caps take
+    it closer to the ceiling than pacing would. docs/scaling.md has the measurements behind each choice.
+    """
+
+    def __init__(self, limits: ProtectionLimits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self._clock = clock
+        self.rate: float | None = None  # None: no answer yet
+        self.alone = False  # nobody else spends this user's budget: the floor and the concurrency caps suffice
+        self.share = 1.0
+        self._learned = False
+        self._full_rate = 0.0
+        self._counted: deque[float] = deque()
+        self._last_turn = float("-inf")  # when the previous turn was due (not when it was taken)
+        self._probing = False  # a request is out before any answer has set the rate
+
+    def counted(self, sent_at: float) -> None:
+        """One of our requests the service counted (answered, not refused), by when it was sent."""
+        self._counted.append(sent_at)
+
+    def update(self, cost_ms: float, window_requests: int | None) -> None:
+        """Learn the share from one answer's window count; the rate it allows is set by `slow`."""
+        horizon = self._clock() - self.limits.window_s
+        while self._counted and self._counted[0] <= horizon:
+            self._counted.popleft()
+        if window_requests is not None and window_requests >= MIN_WINDOW_REQUESTS:
+            # the count just went up by the request answered: half a request less is its average since the last
+            # answer (without that, forty instances' shares add up to about 1.1 and together they overspend)
+            sample = min(1.0, max(0.5, len(self._counted) - 0.5) / window_requests)
+            self.share = sample if not self._learned else 0.5 * self.share + 0.5 * sample
+            self._learned = True
+        self.alone = self._learned and self.share >= self.limits.alone_above
+        share = max(self.share, 0.5 / self.limits.fleet_size)  # at least half a fair share: none starves
+        self._full_rate = self.limits.ceiling_rps(cost_ms) * share * self.limits.pace_margin
+
+    @property
+    def interval(self) -> float:
+        """Seconds from one of this instance's requests to its next, at the pace before any slowing down."""
+        return 1.0 / self._full_rate if self._full_rate else 0.0
+
+    def slow(self, headroom: float) -> None:
+        """Set the rate: the share's, slowed as the budget left nears the floor."""
+        self.rate = self._full_rate * self.limits.boost(headroom)
+
+    async def turn(self, sleep: Sleep) -> None:
+        """Wait until 1 / rate seconds have passed since this instance's previous turn was due, and take the turn.
+        Until an answer has set the rate, requests go one at a time: each waits for the one before it to end
+        (`settle`), however it ends."""
+        while not self.alone:
+            now = self._clock()
+            if self.rate is None:
+                if not self._probing:
+                    self._probing = True
+                    self._last_turn = now
+                    return
+                await sleep(PACE_RECHECK_S)
+                continue
+            interval = 1.0 / self.rate
+            due = self._last_turn + interval
+            if now >= due:
+                # the next turn is due one interval after this one was, not after it was taken: a turn taken late
+                # (a busy event loop) does not push every later one back; after an idle spell, no burst either
+                self._last_turn = due if now - due < interval else now
+                return
+            await sleep(min(due - now, PACE_RECHECK_S))
+
+    def refill_wait(self, shortfall: float) -> float | None:
+        """Seconds until the window has refilled by `shortfall` requests, from when this instance's own requests leave
+        it: at its share, each of its requests leaving stands for 1/share of the user's. A window refills with what
+        was spent one window ago, which is nothing at all in the first window: the limit's average refill rate would
+        bring every instance back too early into a budget still empty. None without the history to tell."""
+        if self.alone or not self._learned or not self._counted:
+            return None
+        needed = max(1, math.ceil(shortfall * self.share))
+        if needed > len(self._counted):
+            return None
+        return max(0.0, self._counted[needed - 1] + self.limits.window_s - self._clock())
+
+    def spread(self) -> float:
+        """A random part of this instance's interval between requests: added to a pause at the floor, so that the
+        instances which all saw the budget low at about the same moment come back one by one, at about the rate the
+        fleet paces at, and not all at once into a window that holds room for a few."""
+        if self.alone:
+            return 0.0
+        return random.uniform(0.0, self.interval)  # noqa: S311 - spreading requests, not a secret
+
+    def settle(self) -> None:
+        """A request that took its turn has ended (answered, refused, or failed on the way)."""
+        self._probing = False
 
 
 def _header_int(response: httpx.Response, name: str) -> int | None:
@@ -161,6 +306,7 @@ class Identity:
         self.limit = AdaptiveLimit(1, max_concurrency)
         self.blocked_until = 0.0
         self.cost_ms: float | None = None  # moving average of what one request spends of the execution budget
+        self.pacer = RatePacer(limits)
         self._last_time_left: tuple[float, int] | None = None  # (when, ms left) from the previous answer
         self._token: str | None = None
         self._expires_on = 0.0
@@ -178,22 +324,35 @@ class Identity:
             return self._token
 
     def block(self, seconds: float) -> None:
-        self.blocked_until = max(self.blocked_until, time.monotonic() + seconds)
+        """Pause this identity's requests; up to a quarter longer at random, so that instances told the same
+        Retry-After do not all come back at the same moment."""
+        jitter = random.uniform(1.0, 1.25)  # noqa: S311 - spreading retries, not a secret
+        self.blocked_until = max(self.blocked_until, time.monotonic() + seconds * jitter)
 
     def observe(self, response: httpx.Response, duration_ms: float) -> None:
         """Pace from Dataverse's remaining-budget headers, so the limits are approached and not tripped.
 
-        Below the floor, the identity pauses until the window has refilled to it (at the limit's average refill
-        rate) and then probes with one request. Above it, concurrency is capped so that the requests in flight
-        (each costing about the moving average of a request's duration) fit in what is left above the floor.
+        The rate of requests follows this instance's share of the user's refill (`RatePacer`). Below the floor,
+        the identity pauses until the window has refilled to it (read from when this instance's own requests leave
+        the window while it shares the user, at the limit's average refill rate alone) and then probes with one
+        request. Above it, concurrency is capped so that the requests in flight (each costing
+        about a request's average cost) fit in what is left above the floor.
         """
         requests_left = _header_int(response, "x-ms-ratelimit-burst-remaining-xrm-requests")
         time_left = _header_int(response, "x-ms-ratelimit-time-remaining-xrm-requests")
+        self._raise_limits(requests_left, time_left)
         self._learn_cost(time_left, duration_ms)
+        window_requests = None if requests_left is None else max(0, self.limits.requests - requests_left)
+        window_cost = self._window_cost(requests_left, time_left, duration_ms)
+        self.pacer.update(window_cost, window_requests)
+        self.pacer.slow(self.limits.headroom(requests_left, time_left))
         pause = self.limits.pause_for(requests_left, time_left)
         if pause is not None:
+            shortfall = self.limits.shortfall(requests_left, time_left, window_cost)
+            from_history = self.pacer.refill_wait(shortfall)
+            pause = from_history if from_history is not None else pause
             self.limit.limit = 1.0  # after the pause, one request probes the refilled window before others follow
-            self.block(pause)
+            self.block(pause + self.pacer.spread())
             return
         caps = []
         cost = self.cost_ms
@@ -206,6 +365,23 @@ class Identity:
             self.limit.limit = cap
         elif self.limits.roomy(requests_left, time_left):
             self.limit.on_success()
+
+    def _raise_limits(self, requests_left: int | None, time_left: int | None) -> None:
+        """A budget can never have more left than it holds: more left than configured means the tenant's limits are
+        higher than the settings say. Use what the headers show, and say so when it changes."""
+        requests = max(self.limits.requests, requests_left or 0)
+        execution_ms = max(self.limits.execution_ms, float(time_left or 0))
+        if (requests, execution_ms) == (self.limits.requests, self.limits.execution_ms):
+            return
+        log.warning(
+            "dataverse: application user %s has more budget left than DATAVERSE_LIMIT_REQUESTS / "
+            "DATAVERSE_LIMIT_EXECUTION_SECONDS allow (%d requests, %.0f s); pacing with what Dataverse reports",
+            self.name,
+            requests,
+            execution_ms / 1000,
+        )
+        self.limits = replace(self.limits, requests=requests, execution_ms=execution_ms)
+        self.pacer.limits = self.limits
 
     def _learn_cost(self, time_left: int | None, duration_ms: float) -> None:
         """A request's cost: the drop in the remaining time between two answers (each answer adds its own charge),
@@ -223,6 +399,16 @@ class Identity:
             return
         value = sample if sample is not None else duration_ms
         self.cost_ms = value if self.cost_ms is None else 0.8 * self.cost_ms + 0.2 * value
+
+    def _window_cost(self, requests_left: int | None, time_left: int | None, duration_ms: float) -> float:
+        """What a request costs on average across everyone signed in as this user: the execution time spent in the
+        window over the requests made in it (the drop between two answers of one instance also holds what other
+        instances spent meanwhile). The request's duration, which errs high, until the window says enough."""
+        if requests_left is not None and time_left is not None:
+            requests = self.limits.requests - requests_left
+            if requests >= MIN_WINDOW_REQUESTS:
+                return max(1.0, self.limits.execution_ms - time_left) / requests
+        return duration_ms
 
     async def wait_unblocked(self, sleep: Sleep) -> None:
         while (remaining := self.blocked_until - time.monotonic()) > 0:
@@ -290,10 +476,14 @@ class DataverseClient:
         while True:
             identity = self._pick()
             await identity.wait_unblocked(self._sleep)
-            async with identity.limit.slot():
-                if identity.blocked_until > time.monotonic():
-                    continue  # blocked while this request waited for a slot: wait again, holding nothing
-                return await self._attempt(identity, method, path, operation=operation, **kwargs)
+            await identity.pacer.turn(self._sleep)
+            try:
+                async with identity.limit.slot():
+                    if identity.blocked_until > time.monotonic():
+                        continue  # blocked while this request waited for a slot: wait again, holding nothing
+                    return await self._attempt(identity, method, path, operation=operation, **kwargs)
+            finally:
+                identity.pacer.settle()
 
     async def _attempt(
         self, identity: Identity, method: str, path: str, *, operation: str, **kwargs: Any
@@ -309,6 +499,8 @@ class DataverseClient:
                 self.stats.statuses["transport-error"] += 1
                 raise transport_error(exc, system=SYSTEM, operation=operation) from None
             self.stats.statuses[str(response.status_code)] += 1
+            if response.status_code != 429:
+                identity.pacer.counted(sent)
             if response.status_code == 401 and not refreshed:
                 self.stats.unauthorized_refreshes += 1
                 kwargs["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}

@@ -142,6 +142,7 @@ def test_the_settings_the_deployment_gives_the_app_pass_its_start_up_validation(
         "DATAVERSE_URL": "https://contoso.crm4.dynamics.com",
         "DATAVERSE_AUTH": "client_secret",
         "DATAVERSE_MAX_CONCURRENCY": "8",
+        "DATAVERSE_FLEET_SIZE": "40",
         "DATAVERSE_TENANT_ID": "00000000-0000-0000-0000-000000000002",
         "DATAVERSE_CLIENT_ID": "app-1",
         "DATAVERSE_CLIENT_SECRET": "resolved-from-key-vault",
