@@ -83,7 +83,6 @@ async def run(rows: int = 100_000, chunk_size: int = 100, users: int = 1) -> Out
         data = [UpsertRow({"accountnumber": f"BN-{i:07d}"}, {"name": f"Bench {i}"}, 1) for i in range(rows)]
         written_at: list[tuple[float, int]] = []
         async with DataverseClient(config, creds, verify=verify) as client:
-            await client.connect()
             started = time.monotonic()
             batch = chunk_size * CONCURRENT * 4  # feed the client in slices to timestamp progress
             written = 0

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sandbox.billing_sim.store import ENTITIES, Store, to_api
 from sandbox.dataverse_sim.schema import TABLES
-from sandbox.dataverse_sim.store import DataverseStore
+from sandbox.dataverse_sim.store import DataverseStore, decoded
 from shared.billing.models import Customer, Invoice, parse_record
 from shared.dataverse.client import UpsertRow
 from shared.errors import InvalidRecord
 from shared.mapping import CUSTOMER_MAP, INVOICE_MAP, LINE_MAP, customer_row, invoice_rows
 
-MONEY_TOLERANCE = 0.005
 # "as of the last write": a new billing version that changes nothing mapped is not written (shared.mapping's hash)
 AS_OF_LAST_WRITE = frozenset({"bcs_sourceversion", "bcs_sourceupdatedon"})
 
@@ -42,8 +42,9 @@ class CheckReport:
 
 
 def _same(expected: Any, actual: Any) -> bool:
-    if isinstance(expected, float) or isinstance(actual, float):
-        return expected is not None and actual is not None and abs(float(expected) - float(actual)) < MONEY_TOLERANCE
+    """Equal values; amounts exactly (the CRM keeps billing's amount digit for digit, or it is a difference)."""
+    if isinstance(expected, Decimal) or isinstance(actual, Decimal):
+        return expected is not None and actual is not None and Decimal(expected) == Decimal(actual)
     return bool(expected == actual)
 
 
@@ -66,7 +67,7 @@ class CrmCheck:
             ("invoicedetail", "bcs_billinglineid"),
         ):
             table = TABLES[logical]
-            rows = [dict(r) for r in self.crm.query(table)]
+            rows = [decoded(table, r) for r in self.crm.query(table)]
             keys = Counter(r[key] for r in rows if r[key] is not None)
             self.report.duplicates += sum(n - 1 for n in keys.values() if n > 1)
             self._rows[logical] = {str(r[key]): r for r in rows if r[key] is not None}

@@ -28,7 +28,8 @@ def _text(value: Any) -> Any:
 
 
 def _money(value: Any) -> Any:
-    return None if value is None else float(Decimal(value))
+    """Billing's amount exactly (a `Decimal`; `shared.jsontext` writes it to the CRM digit for digit)."""
+    return None if value is None else Decimal(value)
 
 
 def _integer(value: Any) -> Any:
@@ -56,6 +57,17 @@ TRANSFORMS: dict[str, Transform] = {
     "utc datetime": _iso_utc,
     "date": _date,
     "comma-joined": _joined,
+}
+
+
+TRANSFORM_NOTES = {
+    "text": "the value as text",
+    "money": "billing's decimal string as a JSON number, digit for digit (never through a float); Dataverse holds four"
+    " decimal places up to ±922,337,203,685,477 and rejects a larger amount, which is dead-lettered with its reason",
+    "integer": "a whole number",
+    "utc datetime": "ISO 8601 in UTC, to the second (`2026-01-31T09:30:00Z`)",
+    "date": "`YYYY-MM-DD`",
+    "comma-joined": "the list joined with commas, empty as null",
 }
 
 
@@ -222,7 +234,12 @@ def content_hash(rows: Sequence[UpsertRow]) -> str:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal | date | datetime):
+    if isinstance(value, Decimal):
+        # as the float it was hashed as before amounts stayed exact (so upgrading rewrites nothing), unless the
+        # float would lose digits: then the exact text, so that a change beyond a float's digits still counts
+        as_float = float(value)
+        return as_float if Decimal(repr(as_float)) == value else str(value)
+    if isinstance(value, date | datetime):
         return str(value)
     raise TypeError(type(value).__name__)
 
@@ -256,4 +273,7 @@ def render_markdown() -> str:
                 f"`{lookup.target_key}` | billing | {lookup.description} |"
             )
         out.append("")
+    out += ["## Transforms", "", "| transform | what the CRM receives |", "|---|---|"]
+    out += [f"| {name} | {TRANSFORM_NOTES[name]} |" for name in TRANSFORMS]
+    out.append("")
     return "\n".join(out)

@@ -100,20 +100,6 @@ class StateTables:
         await self.service.close()
 
 
-async def transact(table: TableClient, entities: Sequence[Mapping[str, Any]], mode: str = "upsert") -> None:
-    """Upsert (merge) entities in transactions of at most 100, one partition each."""
-    by_partition: dict[str, list[Mapping[str, Any]]] = {}
-    for entity in entities:
-        by_partition.setdefault(str(entity["PartitionKey"]), []).append(entity)
-    ops = []
-    for rows in by_partition.values():
-        for i in range(0, len(rows), MAX_TRANSACTION):
-            part = rows[i : i + MAX_TRANSACTION]
-            op = TransactionOperation.UPSERT
-            ops.append(table.submit_transaction([(op, dict(e), {"mode": UpdateMode.MERGE}) for e in part]))
-    await asyncio.gather(*ops)
-
-
 async def query_keys(
     table: TableClient, partition: str, keys: Iterable[str], *, select: Sequence[str] | None = None
 ) -> dict[str, dict[str, Any]]:

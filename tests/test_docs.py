@@ -41,3 +41,51 @@ def test_the_telemetry_doc_is_generated_from_the_registry_and_the_queries() -> N
     assert DOC.read_text(encoding="utf-8") == render(), "run: python -m sandbox telemetry-doc --write"
     for spec_name in ("sync_records", "sync_dlq_depth", "sync_breaker_state", "sync_runs", "sync_lag_seconds"):
         assert f"| `{spec_name}` |" in DOC.read_text(encoding="utf-8")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_docs_resolve_to_a_file_and_a_heading() -> None:
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        for target, anchor in re.findall(r"\]\(([\w./-]+\.md)(?:#([\w-]+))?\)", text):
+            path = (doc.parent / target).resolve()
+            if not path.is_file():
+                broken.append(f"{doc.name}: {target}")
+                continue
+            headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), flags=re.MULTILINE)
+            if anchor and anchor not in {_anchor(h) for h in headings}:
+                broken.append(f"{doc.name}: {target}#{anchor}")
+    assert broken == []
+
+
+def test_the_repository_explains_itself_without_files_outside_it() -> None:
+    outside = re.compile(r"DESIGN(?:\.md| §)|CONTRACTS\.md|\.\./shared/")
+    found = []
+    for folder in ("shared", "sandbox", "tests", "docs", "infra", "bench"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix not in (".py", ".md", ".bicep", ".json") or path == Path(__file__):
+                continue
+            if outside.search(path.read_text(encoding="utf-8", errors="replace")):
+                found.append(str(path.relative_to(ROOT)))
+    for path in (ROOT / "README.md", ROOT / "function_app.py"):
+        if outside.search(path.read_text(encoding="utf-8")):
+            found.append(path.name)
+    assert found == []
+
+
+def test_the_architecture_map_names_every_module_of_the_package() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    unnamed = []
+    for path in sorted((ROOT / "shared").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        relative = path.relative_to(ROOT).as_posix()
+        folder = path.parent.relative_to(ROOT).as_posix() + "/"
+        if f"`{relative}`" not in text and not (f"`{folder}`" in text and f"`{path.name}`" in text):
+            unnamed.append(relative)
+    assert unnamed == []

@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse as _StarletteJSON
+from starlette.responses import Response
 
 from sandbox.dataverse_sim import batch
 from sandbox.dataverse_sim.odata import ODataError, compile_filter, parse_key
@@ -30,12 +31,20 @@ from sandbox.dataverse_sim.schema import BY_SET, TABLES, Table
 from sandbox.dataverse_sim.store import DataverseError, DataverseStore, not_found, to_json
 from sandbox.faults import DataverseFaults
 from sandbox.outages import Drop, OutageClock
+from shared import jsontext
 
 API = "/api/data/v9.2"
 MAX_PAGE = 5000
 BULK_ACTIONS = ("UpsertMultiple", "CreateMultiple", "UpdateMultiple")
 _ENTITY = re.compile(r"^(?P<set>\w+)(?:\((?P<key>.*)\))?(?:/Microsoft\.Dynamics\.CRM\.(?P<action>\w+))?$")
 _DEFINITION = re.compile(r"^EntityDefinitions\(LogicalName='(?P<name>\w+)'\)(?P<rest>/.*)?$")
+
+
+class JSONResponse(_StarletteJSON):
+    """Amounts go out as JSON numbers, digit for digit, as Dataverse answers them."""
+
+    def render(self, content: Any) -> bytes:
+        return jsontext.dumps(content).encode()
 
 
 def odata_error(err: DataverseError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -450,7 +459,7 @@ def _definition_json(table: Table) -> dict[str, Any]:
 
 async def _json(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = jsontext.loads(await request.body())  # amounts as Decimal: never through a float
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataverseError(400, "0x80060888", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):

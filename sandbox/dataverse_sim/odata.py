@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-from sandbox.dataverse_sim.schema import Table
+from sandbox.dataverse_sim.schema import AMOUNT_KINDS, Table, stored_amount
 
 GUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _GUID_RE = re.compile(f"^{GUID}$")
@@ -73,7 +74,7 @@ def _literal(kind: str, value: str) -> Any:
     if kind == "guid":
         return value.lower()
     if kind == "number":
-        return float(value) if "." in value else int(value)
+        return Decimal(value) if "." in value else int(value)
     if kind == "name" and value in ("true", "false"):
         return value == "true"
     if kind == "name" and value == "null":
@@ -110,6 +111,10 @@ class _Parser:
                 f"Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.{self.table.logical_name}'."
             )
         return f'"{column}"'
+
+    def amount(self, name: str) -> bool:
+        col = self.table.by_name.get(name.strip('"'))
+        return col is not None and col.type in AMOUNT_KINDS
 
     def expr(self, params: list[Any]) -> str:
         left = self.conj(params)
@@ -157,7 +162,7 @@ class _Parser:
                 self.take()
                 values.append(_literal(*self.take()))
             self.expect(")")
-            params.extend(values)
+            params.extend(self.param(column, v) for v in values)
             return f"({column} IN ({', '.join('?' * len(values))}))"
         if op_kind != "name" or op not in _COMPARE:
             raise ODataError(f"unknown operator {op!r}")
@@ -166,8 +171,16 @@ class _Parser:
             if op not in ("eq", "ne"):
                 raise ODataError("null compares only with eq or ne")
             return f"({column} IS {'NOT ' if op == 'ne' else ''}NULL)"
-        params.append(value)
+        params.append(self.param(column, value))
         return f"({column} {_COMPARE[op]} ?)"
+
+    def param(self, column: str, value: Any) -> Any:
+        """A literal as the store holds the column's values: amounts in ten-thousandths."""
+        if isinstance(value, bool) or not isinstance(value, int | Decimal):
+            return value
+        if self.amount(column):
+            return stored_amount(value)
+        return float(value) if isinstance(value, Decimal) else value
 
 
 def compile_filter(text: str, table: Table) -> tuple[str, list[Any]]:

@@ -7,6 +7,7 @@ sync writes, a few columns that sales own (never written by the sync), and the a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
 
 ColumnType = Literal["string", "memo", "integer", "decimal", "money", "datetime", "date", "boolean", "lookup", "guid"]
@@ -131,3 +132,24 @@ INVOICE_DETAIL = Table(
 
 TABLES: dict[str, Table] = {t.logical_name: t for t in (ACCOUNT, INVOICE, INVOICE_DETAIL)}
 BY_SET: dict[str, Table] = {t.entity_set: t for t in TABLES.values()}
+
+
+# ---- amounts: stored as Dataverse stores money (SQL Server `money`: whole ten-thousandths in 64 bits) ----
+
+AMOUNT_KINDS = ("decimal", "money")
+AMOUNT_PLACES = 4
+AMOUNT_MAX = Decimal("922337203685477")  # Dataverse's largest money value
+
+
+def stored_amount(value: Decimal | int | float) -> int:
+    """An amount as stored: ten-thousandths, rounded half up as SQL Server rounds money. Exact for what a JSON number
+    parsed as Decimal carries; ValueError beyond Dataverse's range."""
+    amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    if not amount.is_finite() or abs(amount) > AMOUNT_MAX:
+        raise ValueError(f"{value} is outside the range of a money value")
+    return int(amount.quantize(Decimal(1).scaleb(-AMOUNT_PLACES), rounding=ROUND_HALF_UP).scaleb(AMOUNT_PLACES))
+
+
+def amount_of(stored: int) -> Decimal:
+    """A stored amount back as the number the Web API answers."""
+    return Decimal(stored).scaleb(-AMOUNT_PLACES)

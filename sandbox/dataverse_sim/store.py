@@ -10,14 +10,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from sandbox.dataverse_sim.odata import GUID, ODataError, parse_key
-from sandbox.dataverse_sim.schema import BY_SET, TABLES, Column, Table
+from sandbox.dataverse_sim.schema import AMOUNT_KINDS, BY_SET, TABLES, Column, Table, amount_of, stored_amount
 
 _SQL_TYPES = {
-    "string": "TEXT", "memo": "TEXT", "integer": "INTEGER", "decimal": "REAL", "money": "REAL",
+    "string": "TEXT", "memo": "TEXT", "integer": "INTEGER", "decimal": "INTEGER", "money": "INTEGER",
     "datetime": "TEXT", "date": "TEXT", "boolean": "INTEGER", "lookup": "TEXT", "guid": "TEXT",
 }  # fmt: skip
 _BIND = re.compile(rf"^/?(?P<set>\w+)\((?P<key>{GUID}|.+)\)$")
@@ -302,12 +303,17 @@ def _convert(table: Table, column: Column, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise DataverseError(400, "0x80060888", f"{where}: expected Edm.Int32")
         return value
-    if kind in ("decimal", "money"):
-        if isinstance(value, bool) or not isinstance(value, int | float):
+    if kind in AMOUNT_KINDS:
+        if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
             raise DataverseError(
                 400, "0x80060888", f"Cannot convert the literal '{value}' to the expected type 'Edm.Decimal'."
             )
-        return float(value)
+        try:
+            return stored_amount(value)
+        except ValueError:
+            raise DataverseError(
+                400, "0x80044331", f"A validation error occurred. {where}: {value} is out of range."
+            ) from None
     if kind == "boolean":
         if not isinstance(value, bool):
             raise DataverseError(400, "0x80060888", f"{where}: expected Edm.Boolean")
@@ -341,8 +347,20 @@ def to_json(table: Table, row: sqlite3.Row, select: Sequence[str] | None = None)
         name = f"_{column.name}_value" if column.type == "lookup" else column.name
         if wanted is not None and name not in wanted and column.name not in wanted and column.name != table.primary_id:
             continue
-        value = row[column.name]
-        if column.type == "boolean" and value is not None:
-            value = bool(value)
-        out[name] = value
+        out[name] = _answered(column, row[column.name])
     return out
+
+
+def decoded(table: Table, row: sqlite3.Row) -> dict[str, Any]:
+    """A stored row with its values as the Web API answers them (amounts as Decimal, booleans as bool)."""
+    return {column.name: _answered(column, row[column.name]) for column in table.columns}
+
+
+def _answered(column: Column, value: Any) -> Any:
+    if value is None:
+        return None
+    if column.type == "boolean":
+        return bool(value)
+    if column.type in AMOUNT_KINDS:
+        return amount_of(value)
+    return value

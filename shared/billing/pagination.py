@@ -107,24 +107,6 @@ class CursorPaginator(Paginator):
         return {**self.first(), "cursor": page.next_cursor}
 
 
-class NaiveOffsetPaginator(Paginator):
-    """`offset += len(page)`: what earlier automations did. Kept to prove, in tests, that it loses records."""
-
-    def __init__(self, since: str) -> None:
-        super().__init__()
-        self.since = since
-        self.offset = 0
-
-    def first(self) -> dict[str, str]:
-        return {"updated_since": self.since, "offset": "0"} if self.since else {"offset": "0"}
-
-    def advance(self, page: Page) -> dict[str, str] | None:
-        if not page.has_more:
-            return None
-        self.offset += len(page.records)
-        return {**self.first(), "offset": str(self.offset)}
-
-
 @dataclass
 class KeysetOverOffset(Paginator):
     """Keyset pagination on (updated_at, position among equal timestamps) over an offset API (module docstring)."""

@@ -6,8 +6,7 @@
   stands alone, so k bad rows in n cost about 2·k·log2(n) extra requests and every good row is written;
 - each application user (identity) has its own token, refreshed once on 401, its own `Retry-After` block (a 429
   pauses every request of that identity, not just the one that got it), and its own concurrency limit that starts
-  at 1 (or the server's `x-ms-dop-hint` after `connect()`), halves on 429 and climbs back one step per round of
-  successes;
+  at 1, halves on 429 and climbs back one step per round of successes, capped by what the budget left can carry;
 - many instances of the app may share one application user's budget without knowing of each other: each paces
   its requests at its share of what the budget refills, its share read from the remaining-budget headers
   (`RatePacer`; docs/scaling.md says why and what it measured);
@@ -33,6 +32,7 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
+from shared import jsontext
 from shared.dataverse.odata import record_path
 from shared.errors import AuthError, FatalError, NotFoundError, SyncError, ThrottledError, TransientError
 from shared.http import RetryPolicy, Sleep, call_with_retries, classify, transport_error
@@ -43,11 +43,6 @@ API_PATH = "/api/data/v9.2"
 TOKEN_MARGIN_S = 300.0
 PACE_RECHECK_S = 0.5  # a paced request re-reads its rate at least this often, so a raised rate frees it sooner
 MIN_WINDOW_REQUESTS = 5  # fewer requests in the window say little about shares or costs
-
-
-class AccessTokenLike(Protocol):
-    token: str
-    expires_on: int
 
 
 class Credential(Protocol):
@@ -522,17 +517,6 @@ class DataverseClient:
 
         return await call_with_retries(once, policy=self.config.retry, what=f"dataverse {operation}", sleep=self._sleep)
 
-    async def connect(self) -> None:
-        """WhoAmI for each identity: checks the credentials and sets concurrency from `x-ms-dop-hint`."""
-        for identity in self.identities:
-            async with identity.limit.slot():
-                token = await identity.token()
-                response = await self._http.get("WhoAmI", headers={"Authorization": f"Bearer {token}"})
-            classify(response, system=SYSTEM, operation="WhoAmI")
-            hint = response.headers.get("x-ms-dop-hint")
-            if hint and hint.isdigit():
-                identity.limit.limit = float(max(1, min(int(hint), self.config.max_concurrency)))
-
     # ---- writing ----
 
     @staticmethod
@@ -569,7 +553,8 @@ class DataverseClient:
                 "POST",
                 path,
                 operation=f"UpsertMultiple {table.entity_set}",
-                json={"Targets": [r.target(table) for r in rows]},
+                content=jsontext.dumps({"Targets": [r.target(table) for r in rows]}).encode(),
+                headers={"Content-Type": "application/json"},
             )
         except AuthError:
             raise
@@ -596,7 +581,7 @@ class DataverseClient:
             parts = [
                 f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
                 f"Content-ID: {i + 1}\r\n\r\nPATCH {record_path(table.entity_set, row.key)} HTTP/1.1\r\n"
-                f"Content-Type: application/json\r\n\r\n{json.dumps({**row.values, **row.key})}\r\n"
+                f"Content-Type: application/json\r\n\r\n{jsontext.dumps({**row.values, **row.key})}\r\n"
                 for i, row in enumerate(pending)
             ]
             body = "".join(parts) + f"--{boundary}--\r\n"
@@ -654,7 +639,7 @@ class DataverseClient:
             )
         except NotFoundError:
             return None
-        body: dict[str, Any] = response.json()
+        body: dict[str, Any] = jsontext.loads(response.content)  # amounts as Decimal, exactly as the CRM holds them
         return body
 
     async def read_pages(
@@ -676,7 +661,7 @@ class DataverseClient:
             response = await self._send(
                 "GET", url, operation=f"read {table.entity_set}", params=params or None, headers=headers
             )
-            body = response.json()
+            body = jsontext.loads(response.content)
             yield list(body.get("value") or [])
             url, params = body.get("@odata.nextLink"), {}
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -11,14 +13,14 @@ from typing import Any
 
 import pytest
 from azure.core.credentials import AccessToken
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sandbox.billing_sim.store import Store, to_api
 from sandbox.dataverse_sim.run import RunningDataverse, dataverse_server
 from sandbox.dataverse_sim.schema import TABLES
 from shared.billing.models import Customer, Invoice, parse_record
-from shared.dataverse.client import DataverseClient, DataverseClientConfig
+from shared.dataverse.client import DataverseClient, DataverseClientConfig, UpsertRow
 from shared.errors import InvalidRecord
 from shared.mapping import (
     CUSTOMER_MAP,
@@ -79,7 +81,8 @@ def test_a_customer_maps_to_its_key_and_every_billing_owned_column(customer: Cus
     assert row.key == {"accountnumber": customer.id}
     assert set(row.values) == {c.column for c in CUSTOMER_MAP.owned}
     assert "description" not in row.values  # sales own it; the sync never writes it
-    assert row.values["bcs_mrr"] == float(Decimal(customer.mrr))
+    assert isinstance(row.values["bcs_mrr"], Decimal)  # never a float: a float loses digits of large amounts
+    assert row.values["bcs_mrr"] == Decimal(customer.mrr)
     assert row.source_version == customer.version
 
 
@@ -153,3 +156,77 @@ async def test_mapped_billing_data_is_accepted_by_dataverse() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_the_hash_of_ordinary_amounts_is_what_it_was_when_amounts_went_as_floats() -> None:
+    """Upgrading must not rewrite every record: amounts a float holds exactly hash as they did before."""
+    row = UpsertRow({"accountnumber": "C-1"}, {"name": "Acme", "bcs_mrr": Decimal("1250.50")})
+    before = UpsertRow({"accountnumber": "C-1"}, {"name": "Acme", "bcs_mrr": 1250.5})
+    assert content_hash([row]) == content_hash([before])
+
+
+def test_an_amount_change_beyond_a_floats_digits_changes_the_hash() -> None:
+    a = UpsertRow({"accountnumber": "C-1"}, {"bcs_balance": Decimal("123456789012345.6781")})
+    b = UpsertRow({"accountnumber": "C-1"}, {"bcs_balance": Decimal("123456789012345.6782")})
+    assert float(a.values["bcs_balance"]) == float(b.values["bcs_balance"])  # a float cannot tell them apart
+    assert content_hash([a]) != content_hash([b])
+
+
+# any amount billing may send (up to 15 digits before the point and 4 after, either sign: shared.billing.models)
+# that fits Dataverse's money column (up to 922,337,203,685,477); a larger one is rejected, see the test below
+CRM_MONEY_MAX = Decimal("922337203685477")
+amounts = (
+    st.decimals(min_value=-CRM_MONEY_MAX, max_value=CRM_MONEY_MAX, places=4).map(str)
+    | st.from_regex(r"^-?\d{1,15}(\.\d{1,4})?$", fullmatch=True)
+).filter(lambda text: abs(Decimal(text)) <= CRM_MONEY_MAX)
+
+
+@pytest.fixture(scope="module")
+def crm() -> Iterator[RunningDataverse]:
+    with dataverse_server(client_secret="amounts") as running:
+        yield running
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(balance=amounts, mrr=amounts)
+def test_the_crm_receives_billings_amounts_exactly(crm: RunningDataverse, balance: str, mrr: str) -> None:
+    """Billing's decimal strings, through the model, the mapping, the request body and Dataverse, read back by the
+    client: the same number, digit for digit (a float on the way loses digits beyond about 15)."""
+    customer = parse_record("customers", _customer_api(balance, mrr))
+    assert isinstance(customer, Customer)
+
+    async def write_and_read() -> dict[str, Any] | None:
+        config = DataverseClientConfig(org_url=crm.url)
+        verify = ssl.create_default_context(cafile=str(crm.tls.ca_pem))
+        async with DataverseClient(config, {"mapping-test": _Minted(crm)}, verify=verify) as client:
+            outcomes = await client.upsert_many(CUSTOMER_MAP.table, [customer_row(customer)])
+            assert [o.status for o in outcomes] == ["written"]
+            return await client.get(
+                CUSTOMER_MAP.table, {"accountnumber": customer.id}, select=["bcs_balance", "bcs_mrr"]
+            )
+
+    stored = asyncio.run(write_and_read())
+    assert stored is not None
+    assert stored["bcs_balance"] == Decimal(balance)
+    assert stored["bcs_mrr"] == Decimal(mrr)
+
+
+def _customer_api(balance: str, mrr: str) -> dict[str, Any]:
+    return {
+        "id": "C-AMOUNTS", "name": "Amounts Ltd", "email": None, "phone": None, "address": None, "status": "active",
+        "currency": "EUR", "balance": balance, "mrr": mrr, "go_live_date": None, "provider_count": 0,
+        "product_flags": [], "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-01T00:00:00Z", "version": 1,
+    }  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_an_amount_beyond_the_crms_range_is_rejected_with_a_reason_not_rounded(crm: RunningDataverse) -> None:
+    customer = parse_record("customers", _customer_api("922337203685477.0001", "0"))
+    assert isinstance(customer, Customer)
+    config = DataverseClientConfig(org_url=crm.url)
+    verify = ssl.create_default_context(cafile=str(crm.tls.ca_pem))
+    async with DataverseClient(config, {"mapping-test": _Minted(crm)}, verify=verify) as client:
+        outcomes = await client.upsert_many(CUSTOMER_MAP.table, [customer_row(customer)])
+    assert [o.status for o in outcomes] == ["rejected"]
+    assert outcomes[0].error is not None
+    assert "out of range" in outcomes[0].error["message"]

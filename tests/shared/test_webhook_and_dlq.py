@@ -66,4 +66,7 @@ def test_personal_data_and_credentials_are_masked_in_dlq_text(text: str, kept: s
 
 @given(st.emails())
 def test_no_email_survives_masking_whole(email: str) -> None:
+    local = email.rsplit("@", 1)[0]
+    if set(local[1:]) <= {"*"}:  # "*@x.io" masks to "****@x.io", which holds it: nothing of it was shown
+        return
     assert email not in dlq.mask(f"owner {email} rejected")

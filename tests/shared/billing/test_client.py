@@ -18,10 +18,11 @@ from sandbox.billing_sim.run import RunningBilling, billing_server
 from sandbox.faults import BillingFaults, FaultProfile, LatencyMs, Outage, RateLimit
 from sandbox.servers import ThreadedServer
 from shared.billing.client import BillingClient, BillingClientConfig
-from shared.billing.pagination import KeysetOverOffset, NaiveOffsetPaginator
+from shared.billing.pagination import KeysetOverOffset
 from shared.breaker import BreakerConfig, CircuitBreaker
 from shared.errors import AuthError, CircuitOpenError, ContractError, TransientError
 from shared.http import RetryPolicy
+from tests.shared.billing.naive import NaiveOffsetPaginator
 
 pytestmark = pytest.mark.anyio
 KEY = "test-billing-key"

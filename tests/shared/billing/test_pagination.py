@@ -12,13 +12,13 @@ from shared.billing.models import Light
 from shared.billing.pagination import (
     CursorPaginator,
     KeysetOverOffset,
-    NaiveOffsetPaginator,
     Page,
     Paginator,
     looks_throttled,
     parse_page,
 )
 from shared.errors import ContractError
+from tests.shared.billing.naive import NaiveOffsetPaginator
 
 
 def stamp(n: int) -> str:
