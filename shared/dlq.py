@@ -35,7 +35,7 @@ MAX_TEXT = 2000
 MAX_BODY = 30_000  # a Table string property holds 64 KiB (32K UTF-16 characters)
 DEPTH_CAP = 10_000
 
-_EMAIL = re.compile(r"([^\s@\"'<>()\[\],;:])[^\s@\"'<>()\[\],;:]*@([A-Za-z0-9.-]+\.[A-Za-z0-9-]{2,})")
+_EMAIL = re.compile(r"([^\s@\"<>()\[\],;:])[^\s@\"<>()\[\],;:]*@([A-Za-z0-9.-]+\.[A-Za-z0-9-]{2,})")  # ' is in names
 _PHONE = re.compile(r"(?<![\w])(\+?\d[\d\s().-]{5,}\d)(?![\w])")
 _SECRETISH = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=: ]+|secret[\"'=: ]+|sig=|code=)([^\s\"'&,]+)")
 

@@ -6,7 +6,7 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +64,6 @@ def anyio_backend() -> str:
 @pytest.fixture
 def queue_name() -> str:
     return f"q{uuid.uuid4().hex[:20]}"
-
-
-def wait_until(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
-    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -212,15 +212,16 @@ class RatePacer:
         """One of our requests the service counted (answered, not refused), by when it was sent."""
         self._counted.append(sent_at)
 
-    def update(self, cost_ms: float, window_requests: int | None) -> None:
-        """Learn the share from one answer's window count; the rate it allows is set by `slow`."""
+    def update(self, cost_ms: float, window_requests: int | None, in_flight: int = 0) -> None:
+        """Learn the share from one answer's window count (which holds our `in_flight` requests too, admitted but not
+        answered yet); the rate it allows is set by `slow`."""
         horizon = self._clock() - self.limits.window_s
         while self._counted and self._counted[0] <= horizon:
             self._counted.popleft()
         if window_requests is not None and window_requests >= MIN_WINDOW_REQUESTS:
             # the count just went up by the request answered: half a request less is its average since the last
             # answer (without that, forty instances' shares add up to about 1.1 and together they overspend)
-            sample = min(1.0, max(0.5, len(self._counted) - 0.5) / window_requests)
+            sample = min(1.0, max(0.5, len(self._counted) + in_flight - 0.5) / window_requests)
             self.share = sample if not self._learned else 0.5 * self.share + 0.5 * sample
             self._learned = True
         self.alone = self._learned and self.share >= self.limits.alone_above
@@ -339,7 +340,7 @@ class Identity:
         self._learn_cost(time_left, duration_ms)
         window_requests = None if requests_left is None else max(0, self.limits.requests - requests_left)
         window_cost = self._window_cost(requests_left, time_left, duration_ms)
-        self.pacer.update(window_cost, window_requests)
+        self.pacer.update(window_cost, window_requests, in_flight=self.limit.in_flight - 1)  # less the one answered
         self.pacer.slow(self.limits.headroom(requests_left, time_left))
         pause = self.limits.pause_for(requests_left, time_left)
         if pause is not None:

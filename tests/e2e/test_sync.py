@@ -22,13 +22,9 @@ from sandbox.faults import FaultProfile, load_profile
 from sandbox.platform import Platform, PlatformOptions, platform
 from sandbox.sync_demo import metric_points, metric_reader
 from shared import dlq, fanout, state, telemetry
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def options(azurite: Azurite, **kwargs: Any) -> PlatformOptions:
@@ -54,17 +50,6 @@ async def ledger(p: Platform, run_id: str) -> tuple[dict[str, Any], Counter[str]
         for key in (*state.BATCH_COUNTS, "ids", "poisoned"):
             totals[key] += int(row.get(key) or 0)
     return run, totals
-
-
-async def eventually(predicate: Any, *, within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def crm_row(p: Platform, logical: str, key: dict[str, str]) -> dict[str, Any] | None:
@@ -175,7 +160,9 @@ async def test_a_record_changed_while_a_listing_runs_is_synced_by_the_next_run(a
     slow = FaultProfile.model_validate({"billing": {"latency_ms": {"min": 300, "max": 300}}})
     async with platform(options(azurite, records=60, profile=slow, visibility_timeout_s=0.5)) as p:
         fan_out = asyncio.create_task(p.fan_out())
-        await asyncio.sleep(0.5)  # the listing has started (count, first page): change a record under it
+        requests = p.billing.simulator.stats.requests
+        # the invoices' listing has started (billing answered its count): change a record under it
+        await eventually(lambda: requests.get("GET /v1/invoices/count"), within=60, what="the invoices' count")
         invoice_id = p.billing.store.all_ids("invoices")[0]
         async with httpx.AsyncClient(
             base_url=p.billing.url, headers={"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}
@@ -249,7 +236,7 @@ async def test_a_message_that_always_fails_reaches_the_dlq_through_the_poison_qu
         assert answer.status_code == 200, answer.text
         assert answer.json()["requeued_messages"] == 1
         await eventually(
-            lambda: _async(all(crm_row(p, "account", {"accountnumber": c}) for c in customer_ids)),
+            lambda: all(crm_row(p, "account", {"accountnumber": c}) for c in customer_ids),
             within=60, what="the reprocessed customers in the CRM",
         )  # fmt: skip
         resolved = await eventually(
@@ -258,10 +245,6 @@ async def test_a_message_that_always_fails_reaches_the_dlq_through_the_poison_qu
         assert resolved[0]["requeue_count"] == 1
         listed = (await http.get("/api/dlq", params={"status": "any"}, headers=headers)).json()
         assert any(r["batch_id"] == "b-poison" and r["status"] == "resolved" for r in listed["rows"])
-
-
-async def _async(value: Any) -> Any:
-    return value
 
 
 def _failed_records(reader: Any) -> int:

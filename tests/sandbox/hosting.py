@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
 from sandbox.faults import FaultProfile
@@ -39,17 +36,6 @@ async def running_host(
     )
     async with LocalHost(options) as host:
         yield host
-
-
-async def eventually(predicate: Callable[[], Any], *, within: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def queue(conn: str, name: str, *, base64: bool = True, create: bool = True) -> QueueClient:

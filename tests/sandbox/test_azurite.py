@@ -14,7 +14,7 @@ from azure.storage.queue import QueueClient
 
 from sandbox.azurite import Azurite, AzuriteError, azurite_binary
 from sandbox.procutil import spawn, stop
-from tests.conftest import wait_until
+from tests.polling import wait_until
 from tests.sandbox.test_host_startup import run_cli
 
 
@@ -73,7 +73,7 @@ def test_cli_azurite_prints_a_connection_string_and_stops_on_sigterm() -> None:
     try:
         conn_line = wait_until(
             lambda: next((line for line in lines if line.startswith("AzureWebJobsStorage=")), None),
-            timeout=60,
+            within=60,
             what="the connection string",
         )
         conn = conn_line.split("=", 1)[1]

@@ -26,7 +26,7 @@ from sandbox.billing_sim.store import Store
 from sandbox.faults import BillingFaults, FaultProfile, Outage, RateLimit
 from sandbox.procutil import spawn, stop
 from sandbox.servers import ThreadedServer
-from tests.conftest import wait_until
+from tests.polling import wait_until
 
 KEY = "sim-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -201,7 +201,7 @@ def test_every_change_is_posted_as_a_signed_webhook() -> None:
     ):
         ids = running.store.all_ids("invoices")[:3]
         httpx.post(f"{running.url}/admin/mutate", headers=AUTH, json={"entity": "invoices", "ids": ids})
-        wait_until(lambda: len(received) == 3, timeout=20, what="three webhooks")
+        wait_until(lambda: len(received) == 3, within=30, what="three webhooks")
     for headers, body in received:
         timestamp = headers["x-billing-timestamp"]
         expected = hmac.new(b"whsec", timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
@@ -223,7 +223,7 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     threading.Thread(target=lambda: lines.extend(line.rstrip() for line in proc.stdout or []), daemon=True).start()
     try:
         url_line = wait_until(
-            lambda: next((line for line in lines if "listening on" in line), None), timeout=60, what="the URL"
+            lambda: next((line for line in lines if "listening on" in line), None), within=60, what="the URL"
         )
         url = url_line.rsplit(" ", 1)[1]
         assert httpx.get(f"{url}/v1/invoices/count", headers=AUTH, timeout=10).json()["count"] == 20

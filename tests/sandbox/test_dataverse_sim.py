@@ -18,7 +18,7 @@ import pytest
 from sandbox.dataverse_sim.run import RunningDataverse, dataverse_server
 from sandbox.faults import DataverseFaults, FaultProfile, ServiceProtection
 from sandbox.procutil import spawn, stop
-from tests.conftest import wait_until
+from tests.polling import wait_until
 
 SECRET = "sim-secret"
 
@@ -259,7 +259,7 @@ def test_cli_serves_https_with_its_ca_until_sigterm(tmp_path: Path) -> None:
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(line.rstrip() for line in proc.stdout or []), daemon=True).start()
     try:
-        line = wait_until(lambda: next((x for x in lines if "listening on" in x), None), timeout=60, what="the URL")
+        line = wait_until(lambda: next((x for x in lines if "listening on" in x), None), within=60, what="the URL")
         url = line.split("listening on ")[1].split()[0]
         form = {"grant_type": "client_credentials", "client_id": "cli", "client_secret": SECRET}
         with httpx.Client(verify=ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))) as http:

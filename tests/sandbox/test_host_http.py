@@ -10,7 +10,8 @@ import pytest
 
 from sandbox.host.runtime import LocalHost
 from tests.conftest import AppFactory, read_records
-from tests.sandbox.hosting import eventually, running_host
+from tests.polling import eventually
+from tests.sandbox.hosting import running_host
 
 pytestmark = pytest.mark.anyio
 FUNCTION_KEY = "fk-test-0123456789"

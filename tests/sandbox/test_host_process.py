@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sandbox.procutil import spawn, stop
-from tests.conftest import AppFactory, read_records, wait_until
+from tests.conftest import AppFactory, read_records
+from tests.polling import wait_until
 from tests.sandbox.hosting import queue, raw_messages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ def host_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]
     try:
         wait_until(
             lambda: any("Local host listening on" in line for line in lines) or proc.poll() is not None,
-            timeout=60,
+            within=60,
             what="the host to start",
         )
         assert proc.poll() is None, "\n".join(lines)
@@ -70,7 +71,7 @@ def test_shutdown_past_the_drain_bound_makes_the_message_visible_again(
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     # Released at once (not after the 10-minute lease): the next host picks it up again.
-    assert wait_until(lambda: raw_messages(conn, queue_name), timeout=5, what="the message") != []
+    assert wait_until(lambda: raw_messages(conn, queue_name), within=30, what="the message") != []
 
 
 def test_foreign_app_with_an_always_failing_queue_trigger_ends_in_poison(tmp_path: Path, conn: str) -> None:
@@ -97,7 +98,7 @@ def test_foreign_app_with_an_always_failing_queue_trigger_ends_in_poison(tmp_pat
     orders = queue(conn, "orders")
     orders.send_message("order #1")
     with host_process("--app-dir", str(app)) as (_, lines):
-        poison = wait_until(lambda: raw_messages(conn, "orders-poison"), timeout=60, what="the poison queue")
+        poison = wait_until(lambda: raw_messages(conn, "orders-poison"), within=60, what="the poison queue")
     assert len(poison) == 1
     assert sum("Executed 'Functions.always_raises' (Failed" in line for line in lines) == 3
     assert raw_messages(conn, "orders") == []

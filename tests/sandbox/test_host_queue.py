@@ -10,7 +10,8 @@ from azure.storage.queue import QueueClient
 
 from sandbox.faults import FaultProfile, HostFaults
 from tests.conftest import AppFactory, read_records
-from tests.sandbox.hosting import eventually, queue, raw_messages, running_host
+from tests.polling import eventually
+from tests.sandbox.hosting import queue, raw_messages, running_host
 
 pytestmark = pytest.mark.anyio
 FAST = {"maxPollingInterval": "00:00:00.200", "visibilityTimeout": "00:00:00"}

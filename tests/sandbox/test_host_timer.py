@@ -11,7 +11,8 @@ from azure.storage.blob import BlobServiceClient
 from sandbox.host.runtime import _host_id
 from sandbox.host.timers import MONITOR_CONTAINER
 from tests.conftest import AppFactory, read_records
-from tests.sandbox.hosting import eventually, running_host
+from tests.polling import eventually
+from tests.sandbox.hosting import running_host
 
 pytestmark = pytest.mark.anyio
 

@@ -148,8 +148,3 @@ async def test_fatal_errors_are_not_retried() -> None:
     with pytest.raises(AuthError):
         await call_with_retries(fatal, policy=RetryPolicy(attempts=5), what="t")
     assert calls == 1
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"

@@ -153,11 +153,6 @@ async def test_mapped_billing_data_is_accepted_by_dataverse() -> None:
     assert counts == {"account": 50, "invoice": 200, "invoicedetail": sum(len(i.lines) for i in invoices)}  # type: ignore[union-attr]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_the_hash_of_ordinary_amounts_is_what_it_was_when_amounts_went_as_floats() -> None:
     """Upgrading must not rewrite every record: amounts a float holds exactly hash as they did before."""
     row = UpsertRow({"accountnumber": "C-1"}, {"name": "Acme", "bcs_mrr": Decimal("1250.50")})

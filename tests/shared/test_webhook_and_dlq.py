@@ -53,6 +53,7 @@ def test_events_the_sync_does_not_follow_are_ignored_and_broken_ones_refused() -
     ("text", "kept", "gone"),
     [
         ("contact jane.doe@clinic.example failed", "j***@clinic.example", "jane.doe"),
+        ("owner sean.o'brien@clinic.example rejected", "s***@clinic.example", "o'brien"),
         ("call +1 (555) 123-4567 now", "***4567", "555) 123"),
         ("Authorization: Bearer abc.def.ghi", "Bearer ***", "abc.def"),
         ("api_key=sk_live_123", "api_key=***", "sk_live_123"),

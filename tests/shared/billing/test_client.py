@@ -28,11 +28,6 @@ pytestmark = pytest.mark.anyio
 KEY = "test-billing-key"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def client_for(url: str, **overrides: Any) -> BillingClient:
     config: dict[str, Any] = {"base_url": url, "api_key": KEY, "rate_limit_rps": 1000.0, **overrides}
     return BillingClient(BillingClientConfig(**config))

@@ -35,11 +35,6 @@ INVOICES = TableRef("invoice", "invoices")
 FAST = RetryPolicy(attempts=8, total_s=120, base_s=0.05, cap_s=2)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @dataclass
 class SimCredential:
     """Tokens minted by the simulator itself; `expired_first` hands out one dead token to start with."""

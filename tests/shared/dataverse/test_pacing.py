@@ -215,3 +215,15 @@ def test_forty_instances_sharing_one_user_lose_nothing_and_few_requests_are_refu
     assert outcome.failed == 0
     assert outcome.distinct_in_store == 60_000  # nothing lost, nothing duplicated
     assert outcome.share_429 < 0.02, outcome
+
+
+def test_an_instance_alone_counts_its_requests_in_flight_and_is_not_paced_while_they_run() -> None:
+    """The window's count holds every request Dataverse admitted, ours still running included: left out, an
+    instance alone with many requests in flight would see a share of a half and pace itself for nothing."""
+    clock = Clock()
+    pacer = RatePacer(LIMITS, clock)
+    for _ in range(5):
+        pacer.counted(clock.now)
+    pacer.update(cost_ms=200, window_requests=10, in_flight=5)
+    assert pacer.share == pytest.approx(9.5 / 10)
+    assert pacer.alone
