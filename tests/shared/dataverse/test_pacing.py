@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from bench.dataverse_fleet import run as run_fleet
 from shared.dataverse.client import Identity, ProtectionLimits, RatePacer
+from tests.polling import eventually
 
 LIMITS = ProtectionLimits(window_s=10, requests=1000, execution_ms=100_000)  # 100 requests/s, 10 s of work per s
 
@@ -28,7 +30,6 @@ class Clock:
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.now += seconds
-        await asyncio.sleep(0)  # let other tasks run, as a real sleep would
 
 
 def test_an_instance_paces_at_its_share_of_what_the_user_refills() -> None:
@@ -150,13 +151,28 @@ def test_before_any_answer_requests_go_one_at_a_time_whatever_the_first_one_ends
 
     async def scenario() -> list[str]:
         events: list[str] = []
+        waiting: set[asyncio.Task[Any]] = set()
+        ended = asyncio.Event()
+
+        async def sleep_until_one_ends(seconds: float) -> None:
+            """The pacer's sleep: fake time passes, and the waiter wakes when a request ends."""
+            clock.now += seconds
+            task = asyncio.current_task()
+            assert task is not None
+            waiting.add(task)
+            await asyncio.wait_for(ended.wait(), timeout=30)
+            waiting.discard(task)
 
         async def request(name: str) -> None:
-            await pacer.turn(clock.sleep)
+            await pacer.turn(sleep_until_one_ends)
+            others = 3 - sum(e.endswith("sent") for e in events) - 1
             events.append(f"{name} sent")
-            await asyncio.sleep(0)
+            # held out until every request not yet sent is waiting for its turn
+            await eventually(lambda: len(waiting) >= others, within=30, what="the other requests waiting")
             events.append(f"{name} ended")
             pacer.settle()  # a failure ends it too: the client settles in a finally
+            ended.set()
+            ended.clear()
 
         await asyncio.gather(request("a"), request("b"), request("c"))
         return events
