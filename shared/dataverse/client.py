@@ -331,15 +331,15 @@ class Identity:
         The rate of requests follows this instance's share of the user's refill (`RatePacer`). Below the floor,
         the identity pauses until the window has refilled to it (read from when this instance's own requests leave
         the window while it shares the user, at the limit's average refill rate alone) and then probes with one
-        request. Above it, concurrency is capped so that the requests in flight (each costing
-        about a request's average cost) fit in what is left above the floor.
+        request. Above it, concurrency is capped so that the requests in flight (each costing about a request's
+        average cost) fit in what is left above the floor.
         """
         requests_left = _header_int(response, "x-ms-ratelimit-burst-remaining-xrm-requests")
         time_left = _header_int(response, "x-ms-ratelimit-time-remaining-xrm-requests")
         self._raise_limits(requests_left, time_left)
         self._learn_cost(time_left, duration_ms)
         window_requests = None if requests_left is None else max(0, self.limits.requests - requests_left)
-        window_cost = self._window_cost(requests_left, time_left, duration_ms)
+        window_cost = self._window_cost(window_requests, time_left, duration_ms)
         self.pacer.update(window_cost, window_requests, in_flight=self.limit.in_flight - 1)  # less the one answered
         self.pacer.slow(self.limits.headroom(requests_left, time_left))
         pause = self.limits.pause_for(requests_left, time_left)
@@ -396,14 +396,12 @@ class Identity:
         value = sample if sample is not None else duration_ms
         self.cost_ms = value if self.cost_ms is None else 0.8 * self.cost_ms + 0.2 * value
 
-    def _window_cost(self, requests_left: int | None, time_left: int | None, duration_ms: float) -> float:
+    def _window_cost(self, window_requests: int | None, time_left: int | None, duration_ms: float) -> float:
         """What a request costs on average across everyone signed in as this user: the execution time spent in the
         window over the requests made in it (the drop between two answers of one instance also holds what other
         instances spent meanwhile). The request's duration, which errs high, until the window says enough."""
-        if requests_left is not None and time_left is not None:
-            requests = self.limits.requests - requests_left
-            if requests >= MIN_WINDOW_REQUESTS:
-                return max(1.0, self.limits.execution_ms - time_left) / requests
+        if window_requests is not None and time_left is not None and window_requests >= MIN_WINDOW_REQUESTS:
+            return max(1.0, self.limits.execution_ms - time_left) / window_requests
         return duration_ms
 
     async def wait_unblocked(self, sleep: Sleep) -> None:
