@@ -166,9 +166,13 @@ async def observe(runtime: Runtime) -> Observed:
             "watermark": cp.watermark or None,
             "lag_seconds": lag,
             "last_completed": cp.last_completed or None,
-            "listing": {"run_id": cp.run_id, "listed": cp.listed, "expected": cp.expected} if cp.run_id else None,
+            "listing": _listing(cp),
         }
     return Observed(entities, breakers, depth)
+
+
+def _listing(cp: state.Checkpoint) -> dict[str, Any] | None:
+    return {"run_id": cp.run_id, "listed": cp.listing.listed, "expected": cp.listing.expected} if cp.run_id else None
 
 
 async def health(runtime: Runtime) -> func.HttpResponse:

@@ -4,14 +4,14 @@ Per entity (docs/sync.md, "Fan-out"):
 
 - a run starts from the watermark less the overlap, asks the count endpoint how many records are due, and claims
   the entity's checkpoint row (optimistic concurrency: a second fan-out running at the same time stops);
-- each page of light records becomes messages of `SYNC_BATCH_SIZE` ids; *after* they are sent, the checkpoint moves
-  to the next page's request, so a crash or the time budget resumes exactly there (a page sent twice is harmless:
-  the worker skips unchanged records);
-- records at the boundary timestamp that the previous page already sent are not sent again;
-- when the listing ends, fewer ids than the count said is silent throttling the page checks missed: the listing
-  runs again (up to 3 rounds); if it is still short, the run ends without moving the watermark, so the next run
-  lists the same range again. Otherwise the watermark moves to the time this listing *started*: a record changed
-  while the listing ran is picked up by the next run.
+- the listing engine (`shared.billing.listing`) gives the run's ids page by page, de-duplicated at page boundaries
+  and listed again when a round comes up short of the count; each page becomes messages of `SYNC_BATCH_SIZE` ids,
+  and only *after* they are sent does the checkpoint move to the next page's request, so a crash or the time
+  budget resumes exactly there (a page sent twice is harmless: the worker skips unchanged records);
+- a listing still short after its last round ends without moving the watermark, so the next run lists the same
+  range again; a listing the platform broke (off contract, a loop) ends failed and starts afresh next tick.
+  Otherwise the watermark moves to the time this listing *started*: a record changed while the listing ran is
+  picked up by the next run.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from datetime import timedelta
 from typing import Literal
 
 from shared import admin, messages, state
-from shared.billing.models import Entity, Light
-from shared.errors import CircuitOpenError
+from shared.billing.listing import ChangeListing, ListingPosition
+from shared.billing.models import Entity
+from shared.errors import CircuitOpenError, ContractError
 from shared.runtime import Runtime
 from shared.state import Checkpoint, CheckpointConflict
 
 log = logging.getLogger("shared.fanout")
-MAX_ROUNDS = 3
 SEND_CONCURRENCY = 16
 
 Outcome = Literal["completed", "paused", "short", "conflict", "deferred", "failed"]
@@ -91,8 +91,8 @@ async def _start(runtime: Runtime, cp: Checkpoint) -> Checkpoint:
     entity: Entity = cp.entity  # type: ignore[assignment]
     expected = await runtime.billing.count(entity, since)
     cp.run_id = state.run_id_for(entity, started)
-    cp.since, cp.listing_started, cp.params = since, state.iso(started), None
-    cp.expected, cp.listed, cp.messages, cp.round, cp.pages, cp.boundary = expected, 0, 0, 1, 0, ("", [])
+    cp.listing_started, cp.messages = state.iso(started), 0
+    cp.listing = ListingPosition(since=since, expected=expected)
     cp = await state.write_checkpoint(runtime.tables, cp)  # claims the run
     await state.start_run(runtime.tables, cp.run_id, entity, since, "fanout")
     await state.update_run(runtime.tables, cp.run_id, expected=expected)
@@ -105,51 +105,53 @@ async def _entity(runtime: Runtime, entity: Entity, deadline: float) -> FanoutRe
     if not cp.run_id:
         cp = await _start(runtime, cp)
     else:
-        log.info("fan-out %s: resuming run %s at page %d", entity, cp.run_id, cp.pages + 1)
-    paginator = runtime.billing.paginator(cp.since)
-    params: dict[str, str] | None = paginator.resume(cp.params) if cp.params is not None else paginator.start()
+        log.info("fan-out %s: resuming run %s at page %d", entity, cp.run_id, cp.listing.pages + 1)
+    listing = ChangeListing(runtime.billing, entity, cp.listing)
     progressed = False
-    while params is not None:
-        if time.monotonic() > deadline and progressed:  # at least one page per entity and tick: none starves
-            await state.update_run(runtime.tables, cp.run_id, status="paused", listed=cp.listed, messages=cp.messages)
-            runtime.metrics.runs.add(1, {"entity": entity, "outcome": "paused"})
-            log.info("fan-out %s: time budget spent after %d ids; the next tick resumes", entity, cp.listed)
-            return FanoutResult(entity, cp.run_id, "paused", cp.listed, cp.messages, cp.expected)
-        progressed = True
-        expect = cp.pages > 0 or cp.expected > 0
-        page = await runtime.billing.list_page(entity, params, expect_records=expect)
-        fresh = _new_ids(cp, page.records)
-        sent = await _send(runtime, entity, fresh, cp.run_id)
-        params = paginator.next_params(page)
-        cp.pages += 1
-        cp.listed += len(fresh)
-        cp.messages += sent
-        cp.params = params
-        runtime.metrics.listed.add(len(fresh), {"entity": entity})
-        if params is None and cp.listed < cp.expected and cp.round < MAX_ROUNDS:
-            log.warning(
-                "fan-out %s: listed %d ids but the count said %d; listing again (round %d)",
-                entity, cp.listed, cp.expected, cp.round + 1,
-            )  # fmt: skip
-            runtime.metrics.throttled.add(1, {"system": "billing"})
-            cp.round += 1
-            cp.pages, cp.boundary = 0, ("", [])
-            cp.listed = 0
-            paginator = runtime.billing.paginator(cp.since)
-            params = paginator.start()
-            cp.params = params
-        cp = await state.write_checkpoint(runtime.tables, cp)
+    try:
+        while not listing.finished:
+            if time.monotonic() > deadline and progressed:  # at least one page per entity and tick: none starves
+                return await _pause(runtime, cp)
+            progressed = True
+            page = await listing.next_page()
+            cp.messages += await _send(runtime, entity, page.ids, cp.run_id)  # sent before the checkpoint moves
+            runtime.metrics.listed.add(len(page.ids), {"entity": entity})
+            if page.restarted:
+                runtime.metrics.throttled.add(1, {"system": "billing"})
+            cp = await state.write_checkpoint(runtime.tables, cp)
+    except ContractError:
+        await _abandon(runtime, cp)
+        raise
     return await _finish(runtime, cp)
 
 
+async def _pause(runtime: Runtime, cp: Checkpoint) -> FanoutResult:
+    listed = cp.listing.listed
+    await state.update_run(runtime.tables, cp.run_id, status="paused", listed=listed, messages=cp.messages)
+    runtime.metrics.runs.add(1, {"entity": cp.entity, "outcome": "paused"})
+    log.info("fan-out %s: time budget spent after %d ids; the next tick resumes", cp.entity, listed)
+    return FanoutResult(cp.entity, cp.run_id, "paused", listed, cp.messages, cp.listing.expected)
+
+
+async def _abandon(runtime: Runtime, cp: Checkpoint) -> None:
+    """A listing the platform broke (a loop, an answer off contract) is not resumed: resuming would ask the same
+    request again. The run ends failed, the watermark stays, and the next tick lists the range from the start."""
+    await state.update_run(runtime.tables, cp.run_id, status="failed", listed=cp.listing.listed, messages=cp.messages)
+    cp.run_id, cp.listing = "", ListingPosition()
+    await state.write_checkpoint(runtime.tables, cp)
+
+
 async def _finish(runtime: Runtime, cp: Checkpoint) -> FanoutResult:
-    short = cp.listed < cp.expected
-    result = FanoutResult(cp.entity, cp.run_id, "short" if short else "completed", cp.listed, cp.messages, cp.expected)
+    pos = cp.listing
+    short = pos.listed < pos.expected
+    result = FanoutResult(
+        cp.entity, cp.run_id, "short" if short else "completed", pos.listed, cp.messages, pos.expected
+    )
     now = state.iso(state.utcnow())
     if short:
         log.error(
             "fan-out %s: run %s listed %d ids, the count said %d; the watermark stays at %s so the next run lists "
-            "this range again", cp.entity, cp.run_id, cp.listed, cp.expected, cp.watermark or "the start",
+            "this range again", cp.entity, cp.run_id, pos.listed, pos.expected, cp.watermark or "the start",
         )  # fmt: skip
     else:
         cp.watermark = cp.listing_started
@@ -158,32 +160,20 @@ async def _finish(runtime: Runtime, cp: Checkpoint) -> FanoutResult:
         runtime.tables,
         cp.run_id,
         status=result.outcome,
-        listed=cp.listed,
+        listed=pos.listed,
         messages=cp.messages,
-        rounds=cp.round,
+        rounds=pos.round,
         listing_completed_at=now,
     )
-    cp.run_id, cp.params, cp.pages, cp.boundary = "", None, 0, ("", [])
+    cp.run_id, cp.listing = "", ListingPosition()
     await state.write_checkpoint(runtime.tables, cp)
     runtime.metrics.runs.add(1, {"entity": cp.entity, "outcome": result.outcome})
     if cp.watermark:
         lag = (state.utcnow() - state.parse_iso(cp.watermark)).total_seconds()
         runtime.metrics.lag.set(lag, {"entity": cp.entity})
     log.info("fan-out %s: run %s %s: %d ids in %d messages", cp.entity, result.run_id, result.outcome,
-             cp.listed, cp.messages)  # fmt: skip
+             pos.listed, cp.messages)  # fmt: skip
     return result
-
-
-def _new_ids(cp: Checkpoint, records: tuple[Light, ...]) -> list[str]:
-    """The page's ids less those the previous page sent at the same boundary timestamp; moves the boundary."""
-    stamp, at_stamp = cp.boundary
-    seen = set(at_stamp)
-    fresh = [r.id for r in records if not (r.updated_at == stamp and r.id in seen)]
-    if records:
-        last = records[-1].updated_at
-        ids_at_last = [r.id for r in records if r.updated_at == last]
-        cp.boundary = (last, sorted(set(ids_at_last) | (seen if last == stamp else set())))
-    return list(dict.fromkeys(fresh))
 
 
 async def _send(runtime: Runtime, entity: Entity, ids: list[str], run_id: str) -> int:

@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote
@@ -31,10 +31,20 @@ from azure.core.exceptions import HttpResponseError, ResourceExistsError, Resour
 from azure.data.tables import TableTransactionError, TransactionOperation, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
+from shared.billing.listing import ListingPosition
+
 MAX_TRANSACTION = 100
 FILTER_KEYS = 15  # Table queries allow at most 15 discrete comparisons
 TABLES = ("syncstate", "syncruns", "synchashes", "deadletters", "breakers")
 _FORBIDDEN = set("/\\#?%")
+# The Tables SDK sends a request again after a dropped connection for GET, PUT and DELETE only. A transaction is a
+# POST; sending one again is safe here: its writes are conditional, so one applied twice ends as conflicts, which
+# re-sync the records.
+# (Seen locally: Azurite closes idle connections after 5 s and the next transaction on one fails to write its body.)
+# The ledger's merges (PATCH) are idempotent and are sent again likewise.
+RETRY_WRITES: dict[str, Any] = {
+    "retry_on_methods": frozenset({"HEAD", "GET", "PUT", "DELETE", "OPTIONS", "TRACE", "POST", "PATCH", "MERGE"})
+}
 
 
 def row_key(record_id: str) -> str:
@@ -127,38 +137,33 @@ async def query_keys(
 
 @dataclass
 class Checkpoint:
-    """An entity's sync position. `run_id` set means a listing is under way and `params` is where it resumes."""
+    """An entity's sync position. `run_id` set means a listing is under way and `listing` is where it resumes."""
 
     entity: str
     watermark: str = ""  # when the last complete listing started (ISO); "" = never
     run_id: str = ""
-    since: str = ""
     listing_started: str = ""
-    params: dict[str, str] | None = None
-    expected: int = 0
-    listed: int = 0
-    round: int = 0
-    pages: int = 0  # pages read in this round
+    listing: ListingPosition = field(default_factory=ListingPosition)
     messages: int = 0
-    boundary: tuple[str, list[str]] = ("", [])  # (updated_at, ids at it) of the last page, for de-duplication
     last_completed: str = ""
     etag: str | None = None
 
     def to_entity(self) -> dict[str, Any]:
+        pos = self.listing
         return {
             "PartitionKey": "watermark",
             "RowKey": self.entity,
             "watermark": self.watermark,
             "run_id": self.run_id,
-            "since": self.since,
+            "since": pos.since,
             "listing_started": self.listing_started,
-            "params": json.dumps(self.params) if self.params is not None else "",
-            "expected": self.expected,
-            "listed": self.listed,
-            "round": self.round,
-            "pages": self.pages,
+            "params": json.dumps(pos.params) if pos.params is not None else "",
+            "expected": pos.expected,
+            "listed": pos.listed,
+            "round": pos.round,
+            "pages": pos.pages,
             "messages": self.messages,
-            "boundary": json.dumps(list(self.boundary)),
+            "boundary": json.dumps(list(pos.boundary)),
             "last_completed": self.last_completed,
         }
 
@@ -166,19 +171,22 @@ class Checkpoint:
     def from_entity(cls, entity: Mapping[str, Any], etag: str | None) -> Checkpoint:
         boundary = json.loads(entity.get("boundary") or '["", []]')
         params = entity.get("params")
+        position = ListingPosition(
+            since=str(entity.get("since") or ""),
+            expected=int(entity.get("expected") or 0),
+            round=int(entity.get("round") or 1),
+            pages=int(entity.get("pages") or 0),
+            listed=int(entity.get("listed") or 0),
+            params=json.loads(params) if params else None,
+            boundary=(str(boundary[0]), [str(i) for i in boundary[1]]),
+        )
         return cls(
             entity=str(entity["RowKey"]),
             watermark=str(entity.get("watermark") or ""),
             run_id=str(entity.get("run_id") or ""),
-            since=str(entity.get("since") or ""),
             listing_started=str(entity.get("listing_started") or ""),
-            params=json.loads(params) if params else None,
-            expected=int(entity.get("expected") or 0),
-            listed=int(entity.get("listed") or 0),
-            round=int(entity.get("round") or 0),
-            pages=int(entity.get("pages") or 0),
+            listing=position,
             messages=int(entity.get("messages") or 0),
-            boundary=(str(boundary[0]), [str(i) for i in boundary[1]]),
             last_completed=str(entity.get("last_completed") or ""),
             etag=etag,
         )
@@ -236,19 +244,24 @@ async def start_run(tables: StateTables, run_id: str, entity: str, since: str, s
             "messages": 0,
         },
         mode=UpdateMode.MERGE,
+        **RETRY_WRITES,
     )
 
 
 async def update_run(tables: StateTables, run_id: str, **values: Any) -> None:
     table = await tables.table("syncruns")
-    await table.upsert_entity({"PartitionKey": "run", "RowKey": run_id, **values}, mode=UpdateMode.MERGE)
+    await table.upsert_entity(
+        {"PartitionKey": "run", "RowKey": run_id, **values}, mode=UpdateMode.MERGE, **RETRY_WRITES
+    )
 
 
 async def record_batch(tables: StateTables, run_id: str, batch_id: str, **values: Any) -> None:
     """One row per batch, overwritten by each delivery: a redelivered batch is counted once, as it last ended."""
     table = await tables.table("syncruns")
     await table.upsert_entity(
-        {"PartitionKey": run_id, "RowKey": batch_id, "updated_at": iso(utcnow()), **values}, mode=UpdateMode.MERGE
+        {"PartitionKey": run_id, "RowKey": batch_id, "updated_at": iso(utcnow()), **values},
+        mode=UpdateMode.MERGE,
+        **RETRY_WRITES,
     )
 
 
@@ -370,7 +383,7 @@ async def write_hashes(
         for i in range(0, len(items), MAX_TRANSACTION):
             part = items[i : i + MAX_TRANSACTION]
             try:
-                await table.submit_transaction([op for _, op in part])
+                await table.submit_transaction([op for _, op in part], **RETRY_WRITES)
             except (TableTransactionError, ResourceExistsError, HttpResponseError):
                 conflicts += await one_by_one(part)  # a conflict fails the whole transaction: find which
         return conflicts

@@ -1,6 +1,6 @@
 """The billing API client: every changed record, exactly once, at its latest version.
 
-- listing: light pages through a paginator strategy, checked against the count endpoint;
+- listing: one light page at a time through a paginator strategy (`shared.billing.listing` drives the listing);
 - fetching: bulk by up to 100 IDs, re-asking for IDs the platform left out, then confirming each still-missing
   ID on its own, so "not found" is a fact and never a throttled answer taken at face value;
 - silent throttling (a 200 that cannot be right) is raised as SilentThrottleError and retried like a 429;
@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 from aiolimiter import AsyncLimiter
 
-from shared.billing.models import Entity, Light, Record, parse_record
+from shared.billing.models import Entity, Record, parse_record
 from shared.billing.pagination import (
     CursorPaginator,
     KeysetOverOffset,
@@ -62,20 +62,7 @@ class BillingClientConfig:
     timeout_s: float = 30.0
     bulk_concurrency: int = 4
     bulk_rounds: int = 6
-    listing_rounds: int = 3
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-
-@dataclass
-class Listing:
-    """The newest sighting of each id changed since `since`, and what it took."""
-
-    entity: Entity
-    since: str
-    expected: int
-    seen: dict[str, Light] = field(default_factory=dict)
-    pages: int = 0
-    rounds: int = 0
 
 
 @dataclass
@@ -182,9 +169,6 @@ class BillingClient:
 
     async def list_page(self, entity: Entity, params: dict[str, str], *, expect_records: bool) -> Page:
         """One light page; an empty page where records are due is silent throttling (raised, retried)."""
-        return await self._page(entity, params, expect_records=expect_records)
-
-    async def _page(self, entity: Entity, params: dict[str, str], *, expect_records: bool) -> Page:
         query = {**params, "limit": str(self.config.page_size), "fields": "id,updated_at,version"}
 
         async def once() -> Page:
@@ -198,53 +182,6 @@ class BillingClient:
             return page
 
         return await self._retrying(once, what=f"billing list {entity}")
-
-    async def list_changed(self, entity: Entity, since: str, *, max_pages: int | None = None) -> Listing:
-        """Every id changed since `since` (inclusive), each once, with its newest sighting."""
-        expected = await self.count(entity, since)
-        listing = Listing(entity, since, expected)
-        bound = max_pages or (expected // max(1, self.config.page_size) + 1) * 4 + 10
-        for _ in range(self.config.listing_rounds):
-            listing.rounds += 1
-            await self._one_listing(listing, bound)
-            if len(listing.seen) >= expected:
-                return listing
-            log.warning(
-                "billing list %s: %d ids listed but the count said %d; listing again (silent throttling)",
-                entity, len(listing.seen), expected,
-            )  # fmt: skip
-            self.stats.silent_throttles += 1
-        raise SilentThrottleError(
-            f"billing list {entity}: {len(listing.seen)} ids after {listing.rounds} listings, count says {expected}",
-            system=SYSTEM,
-        )
-
-    async def list_pages(
-        self, entity: Entity, since: str, *, paginator: Paginator | None = None, max_pages: int = 100_000
-    ) -> Listing:
-        """One pass over the listing, without the count check (list_changed adds it)."""
-        listing = Listing(entity, since, expected=0)
-        await self._one_listing(listing, max_pages, paginator)
-        return listing
-
-    async def _one_listing(self, listing: Listing, bound: int, paginator: Paginator | None = None) -> None:
-        paginator = paginator or self.paginator(listing.since)
-        params: dict[str, str] | None = paginator.start()
-        previous_has_more = False
-        pages = 0
-        while params is not None:
-            pages += 1
-            if pages > bound:
-                raise ContractError(f"billing list {listing.entity}: more than {bound} pages; giving up", system=SYSTEM)
-            first_and_due = pages == 1 and listing.expected > 0
-            page = await self._page(listing.entity, params, expect_records=previous_has_more or first_and_due)
-            for record in page.records:
-                known = listing.seen.get(record.id)
-                if known is None or record.updated_at >= known.updated_at:
-                    listing.seen[record.id] = record
-            previous_has_more = page.has_more
-            params = paginator.next_params(page)
-        listing.pages += pages
 
     # ---- fetch ----
 

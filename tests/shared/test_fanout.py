@@ -1,30 +1,78 @@
-"""Fan-out's de-duplication at page boundaries: keyset-over-offset re-reads the records at the last timestamp."""
+"""Fan-out ticks against Azurite and a crafted billing platform on loopback."""
 
 from __future__ import annotations
 
-from hypothesis import given
-from hypothesis import strategies as st
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
-from shared.billing.models import Light
-from shared.fanout import _new_ids
-from shared.state import Checkpoint
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-records = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 40)), max_size=80, unique_by=lambda r: r[1])
+from sandbox.servers import ThreadedServer
+from shared import fanout, state
+from shared.runtime import Runtime, build
+from shared.settings import load_settings
+
+pytestmark = pytest.mark.anyio
 
 
-@given(records, st.integers(min_value=1, max_value=9))
-def test_pages_that_repeat_the_boundary_timestamp_send_each_id_once(rows: list[tuple[int, int]], size: int) -> None:
-    ordered = sorted(rows)
-    lights = [Light(id=f"r{i}", updated_at=f"2025-01-01T00:00:{t:02d}.000000Z") for t, i in ordered]
-    cp = Checkpoint("invoices")
-    sent: list[str] = []
-    start = 0
-    while start < len(lights):
-        page = lights[start : start + size]
-        sent += _new_ids(cp, tuple(page))
-        last = page[-1].updated_at
-        nxt = start + len(page)
-        # the next request starts at the last timestamp seen (inclusive), as KeysetOverOffset asks
-        first_at_last = next(i for i, r in enumerate(lights) if r.updated_at == last)
-        start = nxt if all(r.updated_at == last for r in page) else max(first_at_last, start + 1)
-    assert sent == [light.id for light in lights]
+def _endless_app() -> Starlette:
+    """One invoice due; the listing always has one more page and never asks the same thing twice."""
+
+    async def count(request: Request) -> Response:
+        return JSONResponse({"count": 1})
+
+    async def listing(request: Request) -> Response:
+        n = int(request.query_params.get("cursor", "0")) + 1
+        row = {"id": f"inv_{n}", "updated_at": "2026-01-01T00:00:00Z"}
+        return JSONResponse({"data": [row], "has_more": True, "next_cursor": str(n)})
+
+    return Starlette(routes=[Route("/v1/{entity}/count", count), Route("/v1/{entity}", listing)])
+
+
+@pytest.fixture
+def endless() -> Iterator[str]:
+    with ThreadedServer(_endless_app()) as server:
+        yield server.url
+
+
+@pytest.fixture
+async def runtime(conn: str, endless: str) -> AsyncIterator[Runtime]:
+    settings = load_settings({
+        "AzureWebJobsStorage": conn,
+        "SYNC_TABLE_PREFIX": f"t{uuid.uuid4().hex[:12]}",
+        "SYNC_QUEUE": f"q{uuid.uuid4().hex[:12]}",
+        "SYNC_ENTITIES": "invoices",
+        "BILLING_BASE_URL": endless,
+        "BILLING_API_KEY": "fanout-test-key",
+        "BILLING_PAGE_SIZE": "10",
+        "BILLING_RATE_LIMIT_RPS": "1000",
+        "DATAVERSE_URL": "https://127.0.0.1:9",
+        "DATAVERSE_TENANT_ID": "00000000-0000-0000-0000-000000000001",
+        "DATAVERSE_CLIENT_ID": "fanout-test",
+        "DATAVERSE_CLIENT_SECRET": "fanout-test-secret",
+    })  # fmt: skip
+    built = await build(settings)
+    try:
+        yield built
+    finally:
+        await built.aclose()
+
+
+async def test_a_listing_the_platform_never_ends_fails_the_run_and_the_next_tick_starts_afresh(
+    runtime: Runtime,
+) -> None:
+    """Resuming such a listing would ask the same request again, tick after tick: the run ends failed instead, the
+    watermark stays, and the next tick lists the range from the start under a new run."""
+    runs = []
+    for _ in range(2):
+        with pytest.raises(fanout.FanoutFailed, match="never ends the listing"):
+            await fanout.fan_out(runtime, budget_s=600)
+        cp = await state.read_checkpoint(runtime.tables, "invoices")
+        assert (cp.run_id, cp.watermark, cp.listing.params) == ("", "", None)
+        runs = await state.recent_runs(runtime.tables)
+    assert [r["status"] for r in runs] == ["failed", "failed"]
+    assert len({r["RowKey"] for r in runs}) == 2

@@ -1,9 +1,10 @@
-"""The billing client against the billing simulator: real HTTP on loopback, the profile's faults for real."""
+"""The billing client and the listing engine fan-out ships, against the billing simulator: real HTTP on loopback,
+the profile's faults for real."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -18,10 +19,13 @@ from sandbox.billing_sim.run import RunningBilling, billing_server
 from sandbox.faults import BillingFaults, FaultProfile, LatencyMs, Outage, RateLimit
 from sandbox.servers import ThreadedServer
 from shared.billing.client import BillingClient, BillingClientConfig
-from shared.billing.pagination import KeysetOverOffset
+from shared.billing.listing import MAX_ROUNDS, ChangeListing, ListingPosition
+from shared.billing.models import Entity
+from shared.billing.pagination import KeysetOverOffset, Paginator
 from shared.breaker import BreakerConfig, CircuitBreaker
 from shared.errors import AuthError, CircuitOpenError, ContractError, TransientError
 from shared.http import RetryPolicy
+from shared.state import Checkpoint
 from tests.shared.billing.naive import NaiveOffsetPaginator
 
 pytestmark = pytest.mark.anyio
@@ -31,6 +35,21 @@ KEY = "test-billing-key"
 def client_for(url: str, **overrides: Any) -> BillingClient:
     config: dict[str, Any] = {"base_url": url, "api_key": KEY, "rate_limit_rps": 1000.0, **overrides}
     return BillingClient(BillingClientConfig(**config))
+
+
+async def list_all(
+    client: BillingClient, entity: Entity, *, paginator_for: Callable[[str], Paginator] | None = None
+) -> set[str]:
+    """Every id the engine gives, driven page by page as fan-out drives it; fails if the listing ends short.
+    With another paginator: one round, short or not (the naive paginator's losses are the point)."""
+    position = ListingPosition(expected=await client.count(entity, ""))
+    rounds = 1 if paginator_for else MAX_ROUNDS
+    listing = ChangeListing(client, entity, position, max_rounds=rounds, paginator_for=paginator_for)
+    ids: set[str] = set()
+    while not listing.finished:
+        ids.update((await listing.next_page()).ids)
+    assert paginator_for or not listing.short, f"{position.listed} listed, {position.expected} due"
+    return ids
 
 
 def total_requests(running: RunningBilling) -> int:
@@ -55,11 +74,11 @@ async def test_hostile_profile_lists_and_fetches_every_invoice_exactly_once_at_i
         before = running.store.versions("invoices")
         retry = RetryPolicy(attempts=12, total_s=120, base_s=0.5, cap_s=8)
         async with client_for(running.url, pagination="offset", rate_limit_rps=5, retry=retry) as client:
-            listing = await client.list_changed("invoices", "")
-            result = await client.fetch("invoices", list(listing.seen))
+            listed = await list_all(client, "invoices")
+            result = await client.fetch("invoices", list(listed))
         stats = running.simulator.stats
         served = total_requests(running)
-    assert set(listing.seen) == set(before)
+    assert listed == set(before)
     fetched, invalid = set(result.records), {r.record_id for r in result.invalid}
     assert result.not_found == []
     assert fetched.isdisjoint(invalid)
@@ -80,8 +99,8 @@ async def test_hostile_profile_lists_and_fetches_every_invoice_exactly_once_at_i
 async def test_without_faults_the_client_makes_only_the_requests_pages_and_bulk_fetches_need() -> None:
     with billing_server(records=2_500, seed=1, api_key=KEY) as running:
         async with client_for(running.url, page_size=1000) as client:
-            listing = await client.list_changed("invoices", "")
-            result = await client.fetch("invoices", list(listing.seen))
+            listed = await list_all(client, "invoices")
+            result = await client.fetch("invoices", list(listed))
         served = total_requests(running)
     assert len(result.records) == 2_500
     assert served == 1 + 3 + 25  # count, 3 pages of 1000, 25 bulk fetches of 100
@@ -93,8 +112,8 @@ async def test_client_pacing_keeps_throttled_responses_under_five_percent() -> N
     faults = BillingFaults(rate_limit=RateLimit(requests_per_second=10, burst=10, mode="429"))
     with billing_server(records=3_000, seed=2, profile=FaultProfile(billing=faults), api_key=KEY) as running:
         async with client_for(running.url, page_size=100, rate_limit_rps=10) as client:
-            listing = await client.list_changed("invoices", "")
-            result = await client.fetch("invoices", list(listing.seen))
+            listed = await list_all(client, "invoices")
+            result = await client.fetch("invoices", list(listed))
         served = total_requests(running)
         throttled = running.simulator.stats.throttled
     assert len(result.records) == 3_000
@@ -111,8 +130,8 @@ async def test_naive_offset_loop_skips_records_that_keyset_over_offset_does_not(
             all_ids = set(running.store.all_ids("invoices"))
             async with client_for(running.url, page_size=100) as client:
                 client._http.event_hooks["response"].append(_mutate_listed(running))
-                listing = await client.list_pages("invoices", "", paginator=make(""))
-            outcomes[name] = all_ids - set(listing.seen)
+                listed = await list_all(client, "invoices", paginator_for=make)
+            outcomes[name] = all_ids - listed
     assert len(outcomes["naive"]) >= 10  # the naive loop lost records ...
     assert outcomes["keyset"] == set()  # ... ours lost none, under the same changes
 
@@ -133,10 +152,10 @@ async def test_silent_throttling_of_list_and_bulk_is_detected_and_retried() -> N
         # The client paces itself far above the limit, so the platform throttles it silently, often.
         retry = RetryPolicy(attempts=30, total_s=120, base_s=0.2, cap_s=1)
         async with client_for(running.url, page_size=50, rate_limit_rps=50, retry=retry) as client:
-            listing = await client.list_changed("invoices", "")
-            result = await client.fetch("invoices", list(listing.seen))
+            listed = await list_all(client, "invoices")
+            result = await client.fetch("invoices", list(listed))
         ids = set(running.store.all_ids("invoices"))
-    assert set(listing.seen) == ids
+    assert listed == ids
     assert set(result.records) | {r.record_id for r in result.invalid} == ids
     assert client.stats.silent_throttles > 0
 
@@ -154,8 +173,8 @@ async def test_invalid_records_name_the_field_and_do_not_sink_the_batch() -> Non
     profile = FaultProfile(billing=BillingFaults(invalid_record_rate=0.3))
     with billing_server(records=200, seed=7, profile=profile, api_key=KEY) as running:
         async with client_for(running.url) as client:
-            listing = await client.list_changed("invoices", "")
-            result = await client.fetch("invoices", list(listing.seen))
+            listed = await list_all(client, "invoices")
+            result = await client.fetch("invoices", list(listed))
     assert len(result.records) + len(result.invalid) == 200
     assert len(result.invalid) > 20
     reasons = " ".join(r.reason for r in result.invalid)
@@ -211,10 +230,17 @@ def _garbage_app() -> Starlette:
             return JSONResponse({"data": [{"id": "a", "updated_at": "2026-01-01T00:00:00Z"}]})
         if kind == "notjson":
             return PlainTextResponse("<html>proxy error</html>")
+        if kind == "short":  # the count says 5; every listing ends after 2
+            rows = [{"id": f"s{i}", "updated_at": f"2026-01-01T00:00:0{i}Z"} for i in range(2)]
+            return JSONResponse({"data": rows, "has_more": False})
+        if kind == "endless":  # always one more page, never the same request twice
+            n = int(request.query_params.get("cursor", "0")) + 1
+            row = {"id": f"e{n}", "updated_at": "2026-01-01T00:00:00Z"}
+            return JSONResponse({"data": [row], "has_more": True, "next_cursor": str(n)})
         return JSONResponse({"data": [{"updated_at": "2026-01-01T00:00:00Z"}], "has_more": False})
 
     async def count(request: Request) -> Response:
-        return JSONResponse({"count": 1})
+        return JSONResponse({"count": 5 if request.path_params["entity"] == "short" else 1})
 
     async def bulk(request: Request) -> Response:
         ids = json.loads(await request.body())["ids"]
@@ -252,7 +278,47 @@ async def test_malformed_answers_give_a_clear_error_not_a_loop(
 ) -> None:
     async with client_for(garbage, retry=RetryPolicy(attempts=3, base_s=0, cap_s=0)) as client:
         with pytest.raises(error, match=message):
-            await client.list_changed(entity, "")  # type: ignore[arg-type]
+            await list_all(client, entity)  # type: ignore[arg-type]
+
+
+async def test_a_listing_short_of_the_count_is_listed_again_then_ends_short(garbage: str) -> None:
+    async with client_for(garbage) as client:
+        position = ListingPosition(expected=await client.count("short", ""))  # type: ignore[arg-type]
+        listing = ChangeListing(client, "short", position)  # type: ignore[arg-type]
+        pages = [await listing.next_page() for _ in range(3)]
+    assert [p.restarted for p in pages] == [True, True, False]
+    assert listing.finished
+    assert listing.short
+    assert (position.round, position.listed, position.expected) == (3, 2, 5)
+
+
+async def test_a_platform_that_never_ends_the_listing_is_a_contract_error(garbage: str) -> None:
+    async with client_for(garbage, page_size=1) as client:
+        listing = ChangeListing(client, "endless", ListingPosition(expected=1))  # type: ignore[arg-type]
+        for _ in range((1 // 1 + 1) * 4 + 10):  # what one due record allows at one record a page
+            await listing.next_page()
+        with pytest.raises(ContractError, match="never ends the listing"):
+            await listing.next_page()
+    assert not listing.finished
+
+
+async def test_a_listing_resumed_from_its_stored_position_gives_the_rest_and_asks_nothing_twice() -> None:
+    with billing_server(records=2_500, seed=1, api_key=KEY) as running:
+        async with client_for(running.url, page_size=1000) as client:
+            position = ListingPosition(expected=await client.count("invoices", ""))
+            first = await ChangeListing(client, "invoices", position).next_page()
+            cp = Checkpoint("invoices", run_id="r", listing=position)
+            stored = Checkpoint.from_entity(cp.to_entity(), etag=None).listing  # through the table row's shape
+            resumed = ChangeListing(client, "invoices", stored)
+            rest: list[str] = []
+            while not resumed.finished:
+                rest += (await resumed.next_page()).ids
+        served = total_requests(running)
+        all_ids = set(running.store.all_ids("invoices"))
+    assert len(first.ids) == 1000
+    assert set(first.ids) | set(rest) == all_ids
+    assert not set(first.ids) & set(rest)
+    assert served == 1 + 3  # the count and three pages: the resumed listing asked for no page again
 
 
 async def test_a_bulk_answer_without_ids_ends_as_invalid_records_under_the_asked_id(garbage: str) -> None:
