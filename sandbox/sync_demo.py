@@ -304,7 +304,7 @@ async def run_sync_demo(
             deferred_messages=deferred,
             retried={
                 "billing requests retried": int(runtime.billing.stats.retries),
-                "dataverse 429s": int(runtime.dataverse.stats.throttled),
+                "dataverse 429s": runtime.dataverse.policy.stats.by_status()["429"],
                 "deliveries that failed and were redelivered": sum(s.failed for s in stats),
                 "duplicate deliveries injected": sum(s.duplicated for s in stats),
                 "crashes before delete injected": sum(s.crashed for s in stats),

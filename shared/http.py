@@ -1,23 +1,16 @@
-"""One place that sorts HTTP outcomes into the error groups, reads Retry-After, and retries with back-off."""
+"""One place that sorts HTTP outcomes into the error groups and reads Retry-After (`shared.callpolicy` retries)."""
 
 from __future__ import annotations
 
-import logging
 import math
-import random
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
 from shared.errors import AuthError, FatalError, NotFoundError, SyncError, ThrottledError, TransientError
 
-log = logging.getLogger("shared.http")
-T = TypeVar("T")
 MAX_RETRY_AFTER_S = 300.0
 _BODY_SNIPPET = 200
 
@@ -83,57 +76,3 @@ def transport_error(exc: httpx.HTTPError, *, system: str, operation: str) -> Syn
     if isinstance(exc, httpx.TimeoutException | httpx.TransportError):
         return TransientError(f"{system} {operation}: {type(exc).__name__}", system=system)
     return FatalError(f"{system} {operation}: {type(exc).__name__}", system=system)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential back-off with full jitter, bounded by attempts and total time; Retry-After wins when given."""
-
-    attempts: int = 6
-    total_s: float = 60.0
-    base_s: float = 0.5
-    cap_s: float = 20.0
-
-    def wait(self, attempt: int, error: BaseException | None, rng: random.Random | None = None) -> float:
-        retry_after = error.retry_after if isinstance(error, SyncError) else None
-        if retry_after is not None:
-            return min(retry_after, self.cap_s * 4)
-        ceiling = min(self.cap_s, self.base_s * 2 ** (attempt - 1))
-        return (rng or random).uniform(0, ceiling)  # full jitter
-
-
-Sleep = Callable[[float], Awaitable[None]]
-
-
-async def call_with_retries(
-    func: Callable[[], Awaitable[T]],
-    *,
-    policy: RetryPolicy,
-    what: str,
-    sleep: Sleep | None = None,
-    on_retry: Callable[[int, BaseException, float], None] | None = None,
-) -> T:
-    """Run `func`, retrying TransientError as the policy says. The last error propagates."""
-
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        return policy.wait(state.attempt_number, exc)
-
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        delay = state.upcoming_sleep
-        log.warning("%s: attempt %d failed (%s); retrying in %.2fs", what, state.attempt_number, exc, delay)
-        if on_retry is not None and exc is not None:
-            on_retry(state.attempt_number, exc, delay)
-
-    extra: dict[str, Any] = {"sleep": sleep} if sleep is not None else {}
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.total_s),
-        wait=wait,
-        retry=retry_if_exception_type(TransientError),
-        before_sleep=before_sleep,
-        reraise=True,
-        **extra,
-    )
-    result: T = await retrying(func)
-    return result

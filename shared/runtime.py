@@ -10,8 +10,7 @@ import contextlib
 import logging
 import ssl
 import weakref
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
@@ -20,8 +19,9 @@ from azure.storage.queue.aio import QueueClient
 
 from shared.billing.client import BillingClient, BillingClientConfig
 from shared.breaker import BreakerConfig, CircuitBreaker
+from shared.callpolicy import Answered, Hooks, RetryPolicy
 from shared.dataverse.client import Credential, DataverseClient, DataverseClientConfig, ProtectionLimits
-from shared.http import RetryPolicy
+from shared.errors import SilentThrottleError
 from shared.settings import Settings
 from shared.state import StateTables
 from shared.telemetry import Instruments, instruments
@@ -40,7 +40,6 @@ class Runtime:
     billing_breaker: CircuitBreaker
     dataverse_breaker: CircuitBreaker
     metrics: Instruments
-    api_seen: Counter[str] = field(default_factory=Counter)  # API request counts already emitted as metrics
 
     async def aclose(self) -> None:
         await self.billing.aclose()
@@ -111,11 +110,46 @@ def _verify(ca_bundle: str | None) -> Any:
     return ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
 
 
+def api_hooks(metrics: Instruments, system: str) -> Hooks:
+    """The call policy's hooks: every answer counted by status, every throttling (said or silent) counted."""
+
+    def on_request(answer: Answered) -> None:
+        metrics.api_requests.add(1, {"system": system, "status": answer.status})
+        if answer.status == "429":
+            metrics.throttled.add(1, {"system": system})
+
+    def on_retry(error: BaseException | None) -> None:
+        if error is None or isinstance(error, SilentThrottleError):  # a partial answer, an empty page when due
+            metrics.throttled.add(1, {"system": system})
+
+    return Hooks(on_request=on_request, on_retry=on_retry)
+
+
+def retry_policies(settings: Settings) -> tuple[RetryPolicy, RetryPolicy]:
+    """Billing's and Dataverse's retry numbers; the first back-off is short, later ones double up to the cap."""
+    billing = RetryPolicy(
+        attempts=settings.billing_retry_attempts,
+        total_s=settings.billing_retry_s,
+        base_s=0.5,
+        cap_s=settings.billing_backoff_max_s,
+    )
+    dataverse = RetryPolicy(
+        attempts=settings.dataverse_retry_attempts,
+        total_s=settings.dataverse_retry_s,
+        base_s=1.0,
+        cap_s=settings.dataverse_backoff_max_s,
+    )
+    return billing, dataverse
+
+
 async def build(settings: Settings) -> Runtime:
     tables = _tables(settings)
     breakers = await tables.table("breakers")
-    config = BreakerConfig(failure_threshold=5, open_for_s=30)
+    config = BreakerConfig(failure_threshold=settings.breaker_failure_threshold, open_for_s=settings.breaker_open_s)
     billing_breaker = CircuitBreaker(breakers, "billing", config)
+    dataverse_breaker = CircuitBreaker(breakers, "dataverse", config)
+    billing_retry, dataverse_retry = retry_policies(settings)
+    metrics = instruments()
     billing = BillingClient(
         BillingClientConfig(
             base_url=settings.billing_url,
@@ -123,8 +157,10 @@ async def build(settings: Settings) -> Runtime:
             pagination=settings.billing_pagination,
             rate_limit_rps=settings.billing_rate_limit_rps,
             page_size=settings.billing_page_size,
+            retry=billing_retry,
         ),
         breaker=billing_breaker,
+        hooks=api_hooks(metrics, "billing"),
         verify=_verify(settings.billing_ca_bundle),
     )
     dataverse = DataverseClient(
@@ -138,16 +174,17 @@ async def build(settings: Settings) -> Runtime:
                 execution_ms=settings.dataverse_limit_execution_s * 1000.0,
                 fleet_size=settings.dataverse_fleet_size,
             ),
-            retry=RetryPolicy(attempts=6, total_s=120, base_s=1, cap_s=20),
+            retry=dataverse_retry,
         ),
         dataverse_credentials(settings),
         verify=_verify(settings.dataverse_ca_bundle),
+        breaker=dataverse_breaker,
+        hooks=api_hooks(metrics, "dataverse"),
     )
     queue, poison = _queue(settings, settings.queue_name), _queue(settings, settings.poison_queue)
     for client in (queue, poison):
         with contextlib.suppress(ResourceExistsError):
             await client.create_queue()
-    metrics = instruments()
     metrics.poison.add(0, {"queue": settings.queue_name})  # report zero, not nothing: alerts tell the two apart
     return Runtime(
         settings=settings,
@@ -157,7 +194,7 @@ async def build(settings: Settings) -> Runtime:
         billing=billing,
         dataverse=dataverse,
         billing_breaker=billing_breaker,
-        dataverse_breaker=CircuitBreaker(breakers, "dataverse", config),
+        dataverse_breaker=dataverse_breaker,
         metrics=metrics,
     )
 

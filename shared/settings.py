@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         10.0
     )
     billing_page_size: Annotated[int, Field(ge=10, le=1000, validation_alias=_env("BILLING_PAGE_SIZE"))] = 1000
+    billing_retry_attempts: Annotated[int, Field(ge=1, le=50, validation_alias=_env("BILLING_RETRY_ATTEMPTS"))] = 6
+    billing_retry_s: Annotated[int, Field(ge=1, le=900, validation_alias=_env("BILLING_RETRY_SECONDS"))] = 60
+    billing_backoff_max_s: Annotated[
+        int, Field(ge=1, le=300, validation_alias=_env("BILLING_RETRY_BACKOFF_MAX_SECONDS"))
+    ] = 20
     billing_ca_bundle: Annotated[str | None, Field(validation_alias=_env("BILLING_CA_BUNDLE"))] = None
     webhook_secret: Annotated[SecretStr | None, Field(validation_alias=_env("BILLING_WEBHOOK_SECRET"))] = None
     webhook_tolerance_s: Annotated[int, Field(ge=10, le=3600, validation_alias=_env("WEBHOOK_TOLERANCE_SECONDS"))] = 300
@@ -82,7 +87,18 @@ class Settings(BaseSettings):
     dataverse_limit_execution_s: Annotated[
         int, Field(ge=1, le=360_000, validation_alias=_env("DATAVERSE_LIMIT_EXECUTION_SECONDS"))
     ] = 1200
+    dataverse_retry_attempts: Annotated[int, Field(ge=1, le=50, validation_alias=_env("DATAVERSE_RETRY_ATTEMPTS"))] = 6
+    dataverse_retry_s: Annotated[int, Field(ge=1, le=900, validation_alias=_env("DATAVERSE_RETRY_SECONDS"))] = 120
+    dataverse_backoff_max_s: Annotated[
+        int, Field(ge=1, le=300, validation_alias=_env("DATAVERSE_RETRY_BACKOFF_MAX_SECONDS"))
+    ] = 20
     dataverse_fleet_size: Annotated[int, Field(ge=1, le=1000, validation_alias=_env("DATAVERSE_FLEET_SIZE"))] = 40
+
+    # ---- circuit breakers (one per outside system, shared by every instance) ----
+    breaker_failure_threshold: Annotated[
+        int, Field(ge=1, le=1000, validation_alias=_env("BREAKER_FAILURE_THRESHOLD"))
+    ] = 5
+    breaker_open_s: Annotated[int, Field(ge=1, le=3600, validation_alias=_env("BREAKER_OPEN_SECONDS"))] = 30
 
     # ---- the sync ----
     schedule: Annotated[str, Field(validation_alias=_env("SYNC_SCHEDULE"))] = "0 */5 * * * *"

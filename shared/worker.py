@@ -86,8 +86,6 @@ async def handle(runtime: Runtime, body: bytes, *, dequeue_count: int = 1) -> Ba
         counts = exc.counts if isinstance(exc, _Incomplete) else Counter({"failed": len(set(msg.ids))})
         _emit_records(runtime, msg.entity, counts)
         raise
-    finally:
-        _emit_api_metrics(runtime)
     runtime.metrics.batches.add(1, {"entity": msg.entity, "outcome": result.outcome})
     runtime.metrics.batch_duration.record((time.perf_counter() - started) * 1000, {"entity": msg.entity})
     _emit_records(runtime, msg.entity, result.counts)
@@ -174,37 +172,12 @@ async def _record_failure(runtime: Runtime, msg: SyncMessage, exc: BaseException
     log.error("batch %s failed on delivery %d: %s", msg.batch_id, dequeue_count, error.get("message"))
 
 
-def _emit_api_metrics(runtime: Runtime) -> None:
-    """API request counts since the last call (no await in here, so concurrent batches never count twice)."""
-    seen = runtime.api_seen
-    billing = runtime.billing.stats.requests
-    for key, n in billing.items():
-        status = key.rsplit(" ", 1)[-1]
-        delta = n - seen[f"billing {key}"]
-        if delta:
-            runtime.metrics.api_requests.add(delta, {"system": "billing", "status": status})
-            seen[f"billing {key}"] = n
-    for status, n in runtime.dataverse.stats.statuses.items():
-        delta = n - seen[f"dataverse {status}"]
-        if delta:
-            runtime.metrics.api_requests.add(delta, {"system": "dataverse", "status": status})
-            if status == "429":
-                runtime.metrics.throttled.add(delta, {"system": "dataverse"})
-            seen[f"dataverse {status}"] = n
-    silent = runtime.billing.stats.silent_throttles - seen["billing silent"]
-    if silent:
-        runtime.metrics.throttled.add(silent, {"system": "billing"})
-        seen["billing silent"] = runtime.billing.stats.silent_throttles
-
-
 # ---- the sync of one message ----
 
 
 async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:
     result = BatchResult(msg.entity)
     ids = list(dict.fromkeys(msg.ids))
-    await runtime.billing_breaker.before_call()
-    await runtime.dataverse_breaker.before_call()
     before = await state.read_hashes(runtime.tables, msg.entity, ids)  # before the fetch: see the module docstring
     fetched = await runtime.billing.fetch(msg.entity, ids)
     failures: list[dlq.RecordFailure] = [_invalid(msg.entity, inv) for inv in fetched.invalid]
@@ -331,7 +304,6 @@ async def _write(
     """Upsert the planned records. Returns (written, rejected with reasons, transient failures)."""
     if not plans:
         return [], [], []
-    breaker = runtime.dataverse_breaker
     table = ACCOUNT_TABLE if entity == "customers" else INVOICES
     outcomes = await runtime.dataverse.upsert_many(table, [p.rows[0] for p in plans])
     by_key = {o.row.key_tuple: o for o in outcomes}
@@ -353,10 +325,6 @@ async def _write(
         written, line_rejected, line_failed = await _write_lines(runtime, written, guids)
         rejected += line_rejected
         failed += line_failed
-    if failed:
-        await breaker.record_failure()
-    else:
-        await breaker.record_success()
     return written, rejected, failed
 
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -31,6 +30,7 @@ from shared.billing.pagination import (
     looks_throttled,
     parse_page,
 )
+from shared.callpolicy import PARTIAL, TRANSPORT_ERROR, Breaker, CallPolicy, CallStats, Hooks, RetryPolicy, Sleep
 from shared.errors import (
     ContractError,
     InvalidRecord,
@@ -38,18 +38,11 @@ from shared.errors import (
     SilentThrottleError,
     TransientError,
 )
-from shared.http import RetryPolicy, Sleep, call_with_retries, classify, transport_error
+from shared.http import classify, transport_error
 
 log = logging.getLogger("shared.billing")
 SYSTEM = "billing"
 MAX_BULK = 100
-T = TypeVar("T")
-
-
-class Breaker(Protocol):
-    async def before_call(self) -> None: ...
-    async def record_success(self) -> None: ...
-    async def record_failure(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +54,6 @@ class BillingClientConfig:
     rate_limit_rps: float = 10.0
     timeout_s: float = 30.0
     bulk_concurrency: int = 4
-    bulk_rounds: int = 6
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -72,14 +64,6 @@ class FetchResult:
     not_found: list[str] = field(default_factory=list)
 
 
-@dataclass
-class ClientStats:
-    requests: Counter[str] = field(default_factory=Counter)  # "METHOD /path status"
-    retries: int = 0
-    silent_throttles: int = 0
-    reasked_ids: int = 0
-
-
 class BillingClient:
     """Reuse one instance (and its connection pool) across invocations; close it with `aclose()`."""
 
@@ -88,16 +72,15 @@ class BillingClient:
         config: BillingClientConfig,
         *,
         breaker: Breaker | None = None,
+        hooks: Hooks | None = None,
         sleep: Sleep | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         verify: Any = True,
     ) -> None:
         self.config = config
-        self.breaker = breaker
-        self.stats = ClientStats()
-        self._sleep = sleep
         # A smooth pace a little under the limit: bursts are what trips a token bucket.
-        self._limiter = AsyncLimiter(1, 1.0 / (config.rate_limit_rps * 0.95))
+        limiter = AsyncLimiter(1, 1.0 / (config.rate_limit_rps * 0.95))
+        self.policy = CallPolicy(SYSTEM, config.retry, breaker=breaker, limiter=limiter, hooks=hooks, sleep=sleep)
         self._http = httpx.AsyncClient(
             base_url=config.base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {config.api_key}", "Accept": "application/json"},
@@ -106,6 +89,15 @@ class BillingClient:
             transport=transport,
             verify=verify,
         )
+
+    @property
+    def stats(self) -> CallStats:
+        return self.policy.stats
+
+    @property
+    def silent_throttles(self) -> int:
+        """Answers that were throttling without saying so: empty pages where records were due, short bulk fetches."""
+        return self.stats.retried[SilentThrottleError.__name__] + self.stats.retried[PARTIAL]
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -119,38 +111,19 @@ class BillingClient:
     # ---- one request ----
 
     async def _request(self, method: str, path: str, *, operation: str, **kwargs: Any) -> Any:
-        await self._limiter.acquire()
+        """One attempt: paced, counted, classified; the JSON body."""
+        await self.policy.pace()
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            self.stats.requests[f"{method} {_template(path)} transport-error"] += 1
+            self.policy.answered(method, _template(path), TRANSPORT_ERROR)
             raise transport_error(exc, system=SYSTEM, operation=operation) from None
-        self.stats.requests[f"{method} {_template(path)} {response.status_code}"] += 1
+        self.policy.answered(method, _template(path), response.status_code)
         classify(response, system=SYSTEM, operation=operation)
         try:
             return response.json()
         except json.JSONDecodeError:
             raise TransientError(f"billing {operation}: the answer is not JSON", system=SYSTEM) from None
-
-    async def _retrying(self, func: Callable[[], Awaitable[T]], *, what: str) -> T:
-        def counted(_attempt: int, exc: BaseException, _delay: float) -> None:
-            self.stats.retries += 1
-            if isinstance(exc, SilentThrottleError):
-                self.stats.silent_throttles += 1
-
-        if self.breaker is not None:
-            await self.breaker.before_call()
-        try:
-            result = await call_with_retries(
-                func, policy=self.config.retry, what=what, sleep=self._sleep, on_retry=counted
-            )
-        except TransientError:
-            if self.breaker is not None:
-                await self.breaker.record_failure()
-            raise
-        if self.breaker is not None:
-            await self.breaker.record_success()
-        return result
 
     # ---- count and list ----
 
@@ -162,7 +135,7 @@ class BillingClient:
                 raise ContractError(f"billing count {entity}: no whole 'count' in the answer", system=SYSTEM)
             return count
 
-        return await self._retrying(once, what=f"billing count {entity}")
+        return await self.policy.call(once, what=f"billing count {entity}")
 
     def paginator(self, since: str) -> Paginator:
         return CursorPaginator(since) if self.config.pagination == "cursor" else KeysetOverOffset(since)
@@ -181,21 +154,39 @@ class BillingClient:
                 )
             return page
 
-        return await self._retrying(once, what=f"billing list {entity}")
+        return await self.policy.call(once, what=f"billing list {entity}")
 
     # ---- fetch ----
 
     async def _bulk(self, entity: Entity, ids: Sequence[str]) -> list[Any]:
-        async def once() -> list[Any]:
-            body = await self._request(
-                "POST", f"/v1/{entity}/bulk", operation=f"bulk fetch {entity}", json={"ids": list(ids)}
-            )
-            data = body.get("data") if isinstance(body, dict) else None
-            if not isinstance(data, list):
-                raise ContractError(f"billing bulk fetch {entity}: no 'data' list", system=SYSTEM)
-            return data
+        body = await self._request(
+            "POST", f"/v1/{entity}/bulk", operation=f"bulk fetch {entity}", json={"ids": list(ids)}
+        )
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise ContractError(f"billing bulk fetch {entity}: no 'data' list", system=SYSTEM)
+        return data
 
-        return await self._retrying(once, what=f"billing bulk fetch {entity}")
+    async def _bulk_part(
+        self, entity: Entity, ids: Sequence[str], result: FetchResult, gate: asyncio.Semaphore
+    ) -> list[str]:
+        """Ask for `ids` in bulk until each one is answered or the attempts run out; the ids still left out."""
+        pending = list(dict.fromkeys(ids))
+
+        async def once() -> list[str]:
+            nonlocal pending
+            async with gate:
+                data = await self._bulk(entity, pending)
+            wanted = set(pending)
+            for raw in data:
+                record_id = raw.get("id") if isinstance(raw, dict) else None
+                if record_id in wanted:  # not asked for, or a repeat in the answer: ignored
+                    wanted.discard(record_id)
+                    self._take(entity, raw, result)
+            pending = [i for i in pending if i in wanted]
+            return pending
+
+        return await self.policy.call(once, what=f"billing bulk fetch {entity}", partial=bool)
 
     async def _one(self, entity: Entity, record_id: str) -> Any | None:
         async def once() -> Any | None:
@@ -206,37 +197,16 @@ class BillingClient:
             except NotFoundError:
                 return None
 
-        return await self._retrying(once, what=f"billing fetch {entity}")
+        return await self.policy.call(once, what=f"billing fetch {entity}")
 
     async def fetch(self, entity: Entity, ids: Sequence[str]) -> FetchResult:
         """Full records for `ids`: each ends fetched (valid or invalid) or, confirmed one by one, not found."""
         result = FetchResult()
-        pending = list(dict.fromkeys(ids))
+        unique = list(dict.fromkeys(ids))
         gate = asyncio.Semaphore(self.config.bulk_concurrency)
-
-        async def chunk(part: Sequence[str]) -> list[Any]:
-            async with gate:
-                return await self._bulk(entity, part)
-
-        for round_no in range(1, self.config.bulk_rounds + 1):
-            parts = [pending[i : i + MAX_BULK] for i in range(0, len(pending), MAX_BULK)]
-            answers = await asyncio.gather(*(chunk(p) for p in parts))
-            wanted = set(pending)
-            for raw in (r for answer in answers for r in answer):
-                record_id = raw.get("id") if isinstance(raw, dict) else None
-                if record_id not in wanted:
-                    continue  # not asked for, or already taken from an earlier answer of this round
-                wanted.discard(record_id)
-                self._take(entity, raw, result)
-            pending = [i for i in pending if i in wanted]
-            if not pending:
-                return result
-            self.stats.reasked_ids += len(pending)
-            self.stats.silent_throttles += 1
-            log.info("billing bulk fetch %s: %d ids left out (round %d); asking again", entity, len(pending), round_no)
-            delay = self.config.retry.wait(round_no, None)
-            await (self._sleep or asyncio.sleep)(delay)
-        for record_id in pending:  # confirm each one: a single fetch's 404 is the only "not found" we believe
+        parts = [unique[i : i + MAX_BULK] for i in range(0, len(unique), MAX_BULK)]
+        left_out = await asyncio.gather(*(self._bulk_part(entity, part, result, gate) for part in parts))
+        for record_id in (i for part in left_out for i in part):  # a single fetch's 404 is the "not found" we believe
             raw = await self._one(entity, record_id)
             if raw is None:
                 result.not_found.append(record_id)

@@ -24,7 +24,7 @@ import random
 import re
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -33,9 +33,10 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from shared import jsontext
+from shared.callpolicy import TRANSPORT_ERROR, Breaker, CallPolicy, Hooks, RetryPolicy, Sleep
 from shared.dataverse.odata import record_path
 from shared.errors import AuthError, FatalError, NotFoundError, SyncError, ThrottledError, TransientError
-from shared.http import RetryPolicy, Sleep, call_with_retries, classify, transport_error
+from shared.http import classify, transport_error
 
 log = logging.getLogger("shared.dataverse")
 SYSTEM = "dataverse"
@@ -85,9 +86,8 @@ class RowOutcome:
 
 @dataclass
 class ClientStats:
-    requests: int = 0
-    statuses: Counter[str] = field(default_factory=Counter)  # answers by status code ("transport-error" too)
-    throttled: int = 0
+    """What the writes did; requests, answers and retries are the call policy's (`DataverseClient.policy.stats`)."""
+
     unauthorized_refreshes: int = 0
     bisections: int = 0
     rows_written: int = 0
@@ -430,6 +430,8 @@ class DataverseClient:
         identities: Mapping[str, Credential],
         *,
         verify: Any = True,
+        breaker: Breaker | None = None,
+        hooks: Hooks | None = None,
         sleep: Sleep | None = None,
     ) -> None:
         if not identities:
@@ -439,6 +441,8 @@ class DataverseClient:
         self.config = config
         self.stats = ClientStats()
         self._sleep = sleep or asyncio.sleep
+        # No rate limiter here: each application user paces itself (RatePacer) inside `_send_once`.
+        self.policy = CallPolicy(SYSTEM, config.retry, breaker=breaker, hooks=hooks, sleep=sleep)
         self.identities = [
             Identity(name, cred, config.scope, max_concurrency=config.max_concurrency, limits=config.limits)
             for name, cred in identities.items()
@@ -485,14 +489,13 @@ class DataverseClient:
         for refreshed in (False, True):
             token = await identity.token(refresh=refreshed)
             headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
-            self.stats.requests += 1
             sent = time.monotonic()
             try:
                 response = await self._http.request(method, path, headers=headers, **kwargs)
             except httpx.HTTPError as exc:
-                self.stats.statuses["transport-error"] += 1
+                self.policy.answered(method, operation, TRANSPORT_ERROR)
                 raise transport_error(exc, system=SYSTEM, operation=operation) from None
-            self.stats.statuses[str(response.status_code)] += 1
+            self.policy.answered(method, operation, response.status_code)
             if response.status_code != 429:
                 identity.pacer.counted(sent)
             if response.status_code == 401 and not refreshed:
@@ -503,7 +506,6 @@ class DataverseClient:
         try:
             classify(response, system=SYSTEM, operation=operation)
         except ThrottledError as exc:
-            self.stats.throttled += 1
             identity.block(exc.retry_after if exc.retry_after is not None else 1.0)
             identity.limit.on_throttle()
             raise
@@ -514,7 +516,7 @@ class DataverseClient:
         async def once() -> httpx.Response:
             return await self._send_once(method, path, operation=operation, **dict(kwargs))
 
-        return await call_with_retries(once, policy=self.config.retry, what=f"dataverse {operation}", sleep=self._sleep)
+        return await self.policy.call(once, what=f"dataverse {operation}")
 
     # ---- writing ----
 
@@ -572,51 +574,29 @@ class DataverseClient:
         return [RowOutcome(r, "written", record_id=i) for r, i in zip(rows, ids, strict=False)]
 
     async def _write_batch(self, table: TableRef, rows: list[UpsertRow]) -> list[RowOutcome]:
-        """Upserts as PATCH requests in one `$batch` (continue on error): each row gets its own answer."""
+        """Upserts as PATCH requests in one `$batch` (continue on error): each row gets its own answer. Rows answered
+        429 or 5xx make the answer partial: the call policy sends those again in a new `$batch`."""
         pending: list[UpsertRow] = list(rows)
         done: list[RowOutcome] = []
-        for _round in range(3):
-            boundary = f"batch_{uuid.uuid4()}"
-            parts = [
-                f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-                f"Content-ID: {i + 1}\r\n\r\nPATCH {record_path(table.entity_set, row.key)} HTTP/1.1\r\n"
-                f"Content-Type: application/json\r\n\r\n{jsontext.dumps({**row.values, **row.key})}\r\n"
-                for i, row in enumerate(pending)
-            ]
-            body = "".join(parts) + f"--{boundary}--\r\n"
-            headers = {"Content-Type": f"multipart/mixed; boundary={boundary}", "Prefer": "odata.continue-on-error"}
-            try:
-                response = await self._send(
-                    "POST", "$batch", operation=f"$batch {table.entity_set}", content=body.encode(), headers=headers
-                )
-            except AuthError:
-                raise
-            except (TransientError, FatalError) as exc:
-                return done + [RowOutcome(r, "failed", error=exc.to_dict()) for r in pending]
-            answers = parse_batch_response(response)
-            retry: list[UpsertRow] = []
-            for index, row in enumerate(pending):
-                if index >= len(answers):
-                    retry.append(row)
-                    continue
-                status, part_headers, part_body = answers[index]
-                if 200 <= status < 300:
-                    entity = part_headers.get("odata-entityid", "")
-                    record_id = entity[entity.rfind("(") + 1 : -1] if entity.endswith(")") else None
-                    done.append(RowOutcome(row, "written", record_id=record_id))
-                elif status == 429 or status >= 500:
-                    retry.append(row)
-                else:
-                    code, message = _part_error(part_body)
-                    error = {"status_code": status, "code": code, "message": message, "type": "FatalError"}
-                    done.append(RowOutcome(row, "rejected", error=error))
-            if not retry:
-                return done
-            pending = retry
-            await self._sleep(self.config.retry.wait(_round + 1, None))
-        return done + [
-            RowOutcome(r, "failed", error={"message": "no answer in $batch after 3 rounds"}) for r in pending
-        ]
+
+        async def once() -> list[UpsertRow]:
+            nonlocal pending
+            body, headers = _batch_request(table, pending)
+            response = await self._send_once(
+                "POST", "$batch", operation=f"$batch {table.entity_set}", content=body, headers=headers
+            )
+            settled, pending = _batch_outcomes(pending, parse_batch_response(response))
+            done.extend(settled)
+            return pending
+
+        try:
+            left = await self.policy.call(once, what=f"dataverse $batch {table.entity_set}", partial=bool)
+        except AuthError:
+            raise
+        except (TransientError, FatalError) as exc:
+            return done + [RowOutcome(r, "failed", error=exc.to_dict()) for r in pending]
+        unanswered = {"message": f"no answer in $batch after {self.config.retry.attempts} attempts"}
+        return done + [RowOutcome(r, "failed", error=unanswered) for r in left]
 
     async def delete(self, table: TableRef, key: Mapping[str, Any]) -> bool:
         """Delete one record by key; False when it was not there."""
@@ -663,6 +643,39 @@ class DataverseClient:
             body = jsontext.loads(response.content)
             yield list(body.get("value") or [])
             url, params = body.get("@odata.nextLink"), {}
+
+
+def _batch_request(table: TableRef, rows: Sequence[UpsertRow]) -> tuple[bytes, dict[str, str]]:
+    boundary = f"batch_{uuid.uuid4()}"
+    parts = [
+        f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+        f"Content-ID: {i + 1}\r\n\r\nPATCH {record_path(table.entity_set, row.key)} HTTP/1.1\r\n"
+        f"Content-Type: application/json\r\n\r\n{jsontext.dumps({**row.values, **row.key})}\r\n"
+        for i, row in enumerate(rows)
+    ]
+    body = "".join(parts) + f"--{boundary}--\r\n"
+    return body.encode(), {"Content-Type": f"multipart/mixed; boundary={boundary}", "Prefer": "odata.continue-on-error"}
+
+
+def _batch_outcomes(
+    rows: Sequence[UpsertRow], answers: Sequence[tuple[int, dict[str, str], bytes]]
+) -> tuple[list[RowOutcome], list[UpsertRow]]:
+    """Each row's answer: written or rejected (settled), or to send again (429, 5xx, no answer at all)."""
+    settled: list[RowOutcome] = []
+    again: list[UpsertRow] = []
+    for index, row in enumerate(rows):
+        status, part_headers, part_body = answers[index] if index < len(answers) else (503, {}, b"")
+        if 200 <= status < 300:
+            entity = part_headers.get("odata-entityid", "")
+            record_id = entity[entity.rfind("(") + 1 : -1] if entity.endswith(")") else None
+            settled.append(RowOutcome(row, "written", record_id=record_id))
+        elif status == 429 or status >= 500:
+            again.append(row)
+        else:
+            code, message = _part_error(part_body)
+            error = {"status_code": status, "code": code, "message": message, "type": "FatalError"}
+            settled.append(RowOutcome(row, "rejected", error=error))
+    return settled, again
 
 
 def parse_batch_response(response: httpx.Response) -> list[tuple[int, dict[str, str], bytes]]:

@@ -25,8 +25,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from shared import fanout, telemetry
 from shared.billing.client import BillingClient, BillingClientConfig
 from shared.breaker import BreakerConfig, CircuitBreaker
+from shared.callpolicy import RetryPolicy
 from shared.errors import CircuitOpenError
-from shared.http import RetryPolicy
 from shared.runtime import Runtime, build
 from shared.settings import load_settings
 from tests.infra import kql

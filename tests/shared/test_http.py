@@ -1,14 +1,11 @@
-"""Response classification, Retry-After, and the retry policy."""
+"""Response classification and Retry-After."""
 
 from __future__ import annotations
 
-import random
 from datetime import UTC, datetime
 
 import httpx
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from shared.errors import (
     AuthError,
@@ -18,7 +15,7 @@ from shared.errors import (
     ThrottledError,
     TransientError,
 )
-from shared.http import RetryPolicy, call_with_retries, classify, parse_retry_after, transport_error
+from shared.http import classify, parse_retry_after, transport_error
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 
@@ -104,47 +101,3 @@ def test_retry_after_is_seconds_or_an_http_date_clamped(value: str | None, expec
 )
 def test_transport_errors(exc: httpx.HTTPError, expected: type[SyncError]) -> None:
     assert type(transport_error(exc, system="billing", operation="list")) is expected
-
-
-@given(st.integers(min_value=1, max_value=30), st.integers(min_value=0, max_value=2**32))
-def test_backoff_is_full_jitter_below_an_exponential_ceiling(attempt: int, seed: int) -> None:
-    policy = RetryPolicy(base_s=0.5, cap_s=20)
-    wait = policy.wait(attempt, TransientError("x"), random.Random(seed))
-    assert 0 <= wait <= min(20, 0.5 * 2 ** (attempt - 1))
-
-
-def test_retry_after_wins_over_backoff() -> None:
-    assert RetryPolicy().wait(1, ThrottledError("x", retry_after=12)) == 12
-
-
-@pytest.mark.anyio
-async def test_retries_are_bounded_and_the_last_error_propagates() -> None:
-    calls = 0
-    slept: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        slept.append(seconds)
-
-    async def always_transient() -> None:
-        nonlocal calls
-        calls += 1
-        raise TransientError(f"failure {calls}")
-
-    with pytest.raises(TransientError, match="failure 4"):
-        await call_with_retries(always_transient, policy=RetryPolicy(attempts=4), what="t", sleep=sleep)
-    assert calls == 4
-    assert len(slept) == 3
-
-
-@pytest.mark.anyio
-async def test_fatal_errors_are_not_retried() -> None:
-    calls = 0
-
-    async def fatal() -> None:
-        nonlocal calls
-        calls += 1
-        raise AuthError("no")
-
-    with pytest.raises(AuthError):
-        await call_with_retries(fatal, policy=RetryPolicy(attempts=5), what="t")
-    assert calls == 1

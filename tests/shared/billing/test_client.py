@@ -23,8 +23,8 @@ from shared.billing.listing import MAX_ROUNDS, ChangeListing, ListingPosition
 from shared.billing.models import Entity
 from shared.billing.pagination import KeysetOverOffset, Paginator
 from shared.breaker import BreakerConfig, CircuitBreaker
+from shared.callpolicy import TRANSPORT_ERROR, Answered, RetryPolicy
 from shared.errors import AuthError, CircuitOpenError, ContractError, TransientError
-from shared.http import RetryPolicy
 from shared.state import Checkpoint
 from tests.shared.billing.naive import NaiveOffsetPaginator
 
@@ -157,7 +157,7 @@ async def test_silent_throttling_of_list_and_bulk_is_detected_and_retried() -> N
         ids = set(running.store.all_ids("invoices"))
     assert listed == ids
     assert set(result.records) | {r.record_id for r in result.invalid} == ids
-    assert client.stats.silent_throttles > 0
+    assert client.silent_throttles > 0
 
 
 async def test_ids_that_do_not_exist_are_reported_not_found_after_confirmation() -> None:
@@ -217,7 +217,7 @@ async def test_a_hanging_platform_times_out_and_is_retried_not_waited_for() -> N
         async with client_for(running.url, timeout_s=0.3, retry=retry) as client:
             with pytest.raises(TransientError, match="ReadTimeout"):
                 await client.count("invoices", "")
-        assert client.stats.requests["GET /v1/invoices/count transport-error"] == 2
+        assert client.stats.requests[Answered("GET", "/v1/invoices/count", TRANSPORT_ERROR)] == 2
 
 
 # ---- a platform that answers garbage: a crafted server on loopback ----
@@ -322,7 +322,7 @@ async def test_a_listing_resumed_from_its_stored_position_gives_the_rest_and_ask
 
 
 async def test_a_bulk_answer_without_ids_ends_as_invalid_records_under_the_asked_id(garbage: str) -> None:
-    async with client_for(garbage, retry=RetryPolicy(attempts=2, base_s=0, cap_s=0), bulk_rounds=2) as client:
+    async with client_for(garbage, retry=RetryPolicy(attempts=2, base_s=0, cap_s=0)) as client:
         result = await client.fetch("customers", ["cus_1", "cus_2"])
     assert result.records == {}
     assert result.not_found == []

@@ -17,6 +17,7 @@ from bench.dataverse_ceiling import run as run_benchmark
 from sandbox.dataverse_sim.run import RunningDataverse, dataverse_server
 from sandbox.dataverse_sim.schema import TABLES
 from sandbox.faults import DataverseFaults, FaultProfile, ServiceProtection
+from shared.callpolicy import RetryPolicy
 from shared.dataverse.client import (
     DataverseClient,
     DataverseClientConfig,
@@ -26,7 +27,6 @@ from shared.dataverse.client import (
 )
 from shared.dataverse.odata import bind
 from shared.errors import AuthError
-from shared.http import RetryPolicy
 
 pytestmark = pytest.mark.anyio
 SECRET = "client-test-secret"
@@ -84,7 +84,7 @@ async def test_a_chunk_of_1000_with_3_bad_rows_writes_997_and_isolates_3_cheaply
         rows[bad] = account(f"B-{bad:04d}", name="x" * 200)  # longer than account.name allows
     async with make_client(dv, chunk_size=1000) as client:
         outcomes = await client.upsert_many(ACCOUNTS, rows)
-        requests = client.stats.requests
+        requests = sum(client.policy.stats.requests.values())
     written = [o for o in outcomes if o.status == "written"]
     rejected = [o for o in outcomes if o.status == "rejected"]
     assert len(written) == 997
@@ -195,12 +195,12 @@ async def test_throttling_is_waited_out_per_identity_and_nothing_is_lost() -> No
         async with make_client(running, "app-a", "app-b", chunk_size=10, limits=known) as client:
             rows = [account(f"S-{i:03d}") for i in range(300)]
             outcomes = await client.upsert_many(ACCOUNTS, rows)
-            stats = client.stats
+            answers = client.policy.stats.by_status()
         stored = running.store.count(TABLES["account"], '"accountnumber" LIKE ?', ["S-%"])
         by_identity = running.simulator.stats.by_identity
     assert {o.status for o in outcomes} == {"written"}
     assert stored == 300
-    assert stats.throttled > 0
+    assert answers["429"] > 0
     assert by_identity["app-a"] > 0
     assert by_identity["app-b"] > 0  # the load was spread over both application users
 
@@ -242,7 +242,7 @@ async def test_tables_without_bulk_messages_go_through_batch_with_an_answer_per_
             {"bcs_billinglineid": "il/99 & 'x'"}, {"invoiceid@odata.bind": bind("invoices", {"invoicenumber": "NONE"})}
         )
         outcomes = await client.upsert_many(lines, rows)
-        requests = client.stats.requests
+        requests = sum(client.policy.stats.requests.values())
         stored = [r async for page in client.read_pages(lines, select=["bcs_billinglineid"]) for r in page]
     by_key = {o.row.key["bcs_billinglineid"]: o for o in outcomes}
     assert sum(o.status == "written" for o in outcomes) == 118
