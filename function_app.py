@@ -5,7 +5,7 @@ Settings are validated here, at start-up: a missing or invalid one stops the app
 
 import azure.functions as func
 
-from shared import admin, fanout, worker
+from shared import dlq_api, fanout, health, poison, webhook, worker
 from shared.observability import configure_telemetry
 from shared.runtime import get_runtime
 from shared.settings import load_settings
@@ -28,24 +28,24 @@ async def sync_batch(msg: func.QueueMessage) -> None:
 
 @app.queue_trigger(arg_name="msg", queue_name="%SYNC_QUEUE%-poison", connection="AzureWebJobsStorage")
 async def poison_to_dlq(msg: func.QueueMessage) -> None:
-    await admin.handle_poison(await get_runtime(SETTINGS), msg.get_body(), dequeue_count=msg.dequeue_count or 1)
+    await poison.handle_poison(await get_runtime(SETTINGS), msg.get_body(), dequeue_count=msg.dequeue_count or 1)
 
 
 @app.route(route="dlq", methods=["GET"])
 async def dlq_list(req: func.HttpRequest) -> func.HttpResponse:
-    return await admin.list_dlq(await get_runtime(SETTINGS), req)
+    return await dlq_api.list_dlq(await get_runtime(SETTINGS), req)
 
 
 @app.route(route="dlq/reprocess", methods=["POST"])
 async def dlq_reprocess(req: func.HttpRequest) -> func.HttpResponse:
-    return await admin.reprocess(await get_runtime(SETTINGS), req)
+    return await dlq_api.reprocess(await get_runtime(SETTINGS), req)
 
 
 @app.route(route="health", methods=["GET"])
 async def health_check(req: func.HttpRequest) -> func.HttpResponse:
-    return await admin.health(await get_runtime(SETTINGS))
+    return await health.health(await get_runtime(SETTINGS))
 
 
 @app.route(route="webhooks/billing", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 async def billing_webhook(req: func.HttpRequest) -> func.HttpResponse:
-    return await admin.receive_webhook(await get_runtime(SETTINGS), req)
+    return await webhook.receive(await get_runtime(SETTINGS), req)

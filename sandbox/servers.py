@@ -21,6 +21,52 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+class _EndsQuietly:
+    """ASGI wrapper: the server cancels its own requests still running when it stops (a simulated hang), and they
+    end here with a 503 (or the end of the body already started), so uvicorn logs no traceback for them."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.stopping = False
+        self.running: set[asyncio.Task[Any]] = set()
+
+    def cancel_all(self) -> None:
+        self.stopping = True
+        for task in self.running:
+            task.cancel()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - uvicorn runs each request in a task
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self.running.add(task)
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            await _end(send, started)
+        finally:
+            self.running.discard(task)
+
+
+async def _end(send: Any, started: bool) -> None:
+    if not started:
+        headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+    body = b"" if started else b'{"error": {"code": "Stopping", "message": "the server is stopping"}}'
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -59,7 +105,8 @@ class ThreadedServer:
         keyfile: Path | None = None,
     ) -> None:
         self._sock = bind(host, port)
-        self._server = make_server(app, certfile=certfile, keyfile=keyfile)
+        self._app = _EndsQuietly(app)
+        self._server = make_server(self._app, certfile=certfile, keyfile=keyfile)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="sim-server", daemon=True)
         scheme = "https" if certfile else "http"
@@ -97,6 +144,9 @@ class ThreadedServer:
         return self
 
     def stop(self) -> None:
+        if not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop ended meanwhile: nothing left to cancel
+                self.loop.call_soon_threadsafe(self._app.cancel_all)
         self._server.should_exit = True
         self._thread.join(timeout=15)
         self._sock.close()

@@ -21,12 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import UpdateMode
+from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables.aio import TableClient
+from pydantic import ValidationError
 
 from shared.errors import CircuitOpenError
+from shared.state import RowMoved, write_if_unchanged
+from shared.tablerow import from_row, to_row
 
 log = logging.getLogger("shared.breaker")
 PARTITION = "breaker"
@@ -58,27 +59,19 @@ class BreakerState:
         return max(0.0, now - (self.unhealthy_since or self.opened_at or now))
 
     def to_entity(self, system: str) -> dict[str, Any]:
-        return {
-            "PartitionKey": PARTITION,
-            "RowKey": system,
-            "state": self.state,
-            "failures": self.failures,
-            "opened_at": self.opened_at,
-            "probe_at": self.probe_at,
-            "unhealthy_since": self.unhealthy_since,
-        }
+        return to_row(self, partition=PARTITION, row_key=system)
 
     @classmethod
     def from_entity(cls, entity: Any) -> BreakerState:
-        state = entity.get("state", "closed")
-        return cls(
-            state=state if state in ("closed", "open", "half_open") else "closed",
-            failures=int(entity.get("failures", 0)),
-            opened_at=float(entity.get("opened_at", 0.0)),
-            probe_at=float(entity.get("probe_at", 0.0)),
-            unhealthy_since=float(entity.get("unhealthy_since") or entity.get("opened_at", 0.0)),
-            etag=entity.metadata.get("etag") if hasattr(entity, "metadata") else None,
-        )
+        etag = entity.metadata.get("etag") if hasattr(entity, "metadata") else None
+        try:
+            state = from_row(cls, entity, etag=etag)
+        except ValidationError:
+            log.error("breaker row %s is unreadable; taken as closed", entity.get("RowKey"))
+            return cls(etag=etag)
+        if state.state != "closed" and not state.unhealthy_since:  # rows from before unhealthy_since was kept
+            state = replace(state, unhealthy_since=state.opened_at)
+        return state
 
 
 class CircuitBreaker:
@@ -106,15 +99,9 @@ class CircuitBreaker:
 
     async def _write(self, old: BreakerState, new: BreakerState) -> bool:
         """Write `new` if nobody wrote since `old` was read. False means: someone did; read again."""
-        entity = new.to_entity(self.system)
         try:
-            if old.etag is None:
-                await self.table.create_entity(entity)
-            else:
-                await self.table.update_entity(
-                    entity, mode=UpdateMode.REPLACE, etag=old.etag, match_condition=MatchConditions.IfNotModified
-                )
-        except (ResourceModifiedError, ResourceExistsError):
+            await write_if_unchanged(self.table, new.to_entity(self.system), old.etag)
+        except RowMoved:
             return False
         self._cached = None
         if new.state != old.state:

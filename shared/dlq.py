@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,7 +25,10 @@ from typing import Any, Literal
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from shared.state import StateTables, from_row_key, iso, odata_string, row_key, utcnow
+from shared.clock import iso, utcnow
+from shared.odata import literal
+from shared.redact import mask
+from shared.state import StateTables, from_row_key, row_key
 
 log = logging.getLogger("shared.dlq")
 Kind = Literal["record", "message"]
@@ -34,22 +36,6 @@ Status = Literal["open", "requeued", "resolved"]
 MAX_TEXT = 2000
 MAX_BODY = 30_000  # a Table string property holds 64 KiB (32K UTF-16 characters)
 DEPTH_CAP = 10_000
-
-_EMAIL = re.compile(r"([^\s@\"<>()\[\],;:])[^\s@\"<>()\[\],;:]*@([A-Za-z0-9.-]+\.[A-Za-z0-9-]{2,})")  # ' is in names
-_PHONE = re.compile(r"(?<![\w])(\+?\d[\d\s().-]{5,}\d)(?![\w])")
-_SECRETISH = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=: ]+|secret[\"'=: ]+|sig=|code=)([^\s\"'&,]+)")
-
-
-def mask(text: str) -> str:
-    """Emails, phone numbers and anything that looks like a credential, masked."""
-
-    def phone(match: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", match.group(1))
-        return f"***{digits[-4:]}" if len(digits) >= 7 else match.group(1)
-
-    text = _SECRETISH.sub(lambda m: m.group(1) + "***", text)
-    text = _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
-    return _PHONE.sub(phone, text)
 
 
 def _short(text: str, limit: int = MAX_TEXT) -> str:
@@ -167,11 +153,11 @@ class Selection:
 def _filter(selection: Selection) -> str | None:
     parts = []
     if len(selection.statuses) == 1:
-        parts.append(f"status eq {odata_string(selection.statuses[0])}")
+        parts.append(f"status eq {literal(selection.statuses[0])}")
     if selection.run_id:
-        parts.append(f"run_id eq {odata_string(selection.run_id)}")
+        parts.append(f"run_id eq {literal(selection.run_id)}")
     if selection.entity:
-        parts.append(f"entity eq {odata_string(selection.entity)}")
+        parts.append(f"entity eq {literal(selection.entity)}")
     return " and ".join(parts) or None
 
 

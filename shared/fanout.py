@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from shared import admin, messages, state
+from shared import clock, health, messages, state
 from shared.billing.listing import ChangeListing, ListingPosition
 from shared.billing.models import Entity
 from shared.errors import CircuitOpenError, ContractError
@@ -77,21 +77,21 @@ async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[Fa
                 runtime.metrics.runs.add(1, {"entity": entity, "outcome": "failed"})
                 failures.append(f"{entity}: {type(exc).__name__}: {exc}")
     finally:
-        await admin.observe(runtime)  # the gauges the alerts read: DLQ depth, breaker states, lag
+        await health.observe(runtime)  # the gauges the alerts read: DLQ depth, breaker states, lag
     if failures:
         raise FanoutFailed("fan-out failed for " + "; ".join(failures))
     return results
 
 
 async def _start(runtime: Runtime, cp: Checkpoint) -> Checkpoint:
-    started = state.utcnow()
+    started = clock.utcnow()
     since = ""
     if cp.watermark:
-        since = state.iso(state.parse_iso(cp.watermark) - timedelta(seconds=runtime.settings.overlap_s))
+        since = clock.iso(clock.parse_iso(cp.watermark) - timedelta(seconds=runtime.settings.overlap_s))
     entity: Entity = cp.entity  # type: ignore[assignment]
     expected = await runtime.billing.count(entity, since)
     cp.run_id = state.run_id_for(entity, started)
-    cp.listing_started, cp.messages = state.iso(started), 0
+    cp.listing_started, cp.messages = clock.iso(started), 0
     cp.listing = ListingPosition(since=since, expected=expected)
     cp = await state.write_checkpoint(runtime.tables, cp)  # claims the run
     await state.start_run(runtime.tables, cp.run_id, entity, since, "fanout")
@@ -147,7 +147,7 @@ async def _finish(runtime: Runtime, cp: Checkpoint) -> FanoutResult:
     result = FanoutResult(
         cp.entity, cp.run_id, "short" if short else "completed", pos.listed, cp.messages, pos.expected
     )
-    now = state.iso(state.utcnow())
+    now = clock.iso(clock.utcnow())
     if short:
         log.error(
             "fan-out %s: run %s listed %d ids, the count said %d; the watermark stays at %s so the next run lists "
@@ -169,7 +169,7 @@ async def _finish(runtime: Runtime, cp: Checkpoint) -> FanoutResult:
     await state.write_checkpoint(runtime.tables, cp)
     runtime.metrics.runs.add(1, {"entity": cp.entity, "outcome": result.outcome})
     if cp.watermark:
-        lag = (state.utcnow() - state.parse_iso(cp.watermark)).total_seconds()
+        lag = (clock.utcnow() - clock.parse_iso(cp.watermark)).total_seconds()
         runtime.metrics.lag.set(lag, {"entity": cp.entity})
     log.info("fan-out %s: run %s %s: %d ids in %d messages", cp.entity, result.run_id, result.outcome,
              pos.listed, cp.messages)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -37,18 +38,18 @@ def parse_retry_after(
     return min(max(seconds, 0.0), cap_s)
 
 
-def _error_detail(response: httpx.Response) -> tuple[str | None, str]:
-    """The error code and a short message from a JSON error body (Dataverse and billing use {"error": {...}})."""
+def error_detail(content: bytes, *, limit: int = _BODY_SNIPPET) -> tuple[str | None, str]:
+    """The error code and a short message from an error body: JSON `{"error": {"code", "message"}}` as Dataverse and
+    billing send it (a whole answer, or one part of a `$batch`), else the start of the text."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
-        return None, response.text[:_BODY_SNIPPET]
+        return None, content[:limit].decode("utf-8", "replace")
     err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        return (str(err.get("code")) if err.get("code") is not None else None), str(err.get("message", ""))[
-            :_BODY_SNIPPET
-        ]
-    return None, str(body)[:_BODY_SNIPPET]
+    if not isinstance(err, dict):
+        return None, str(body)[:limit]
+    code = err.get("code")
+    return (str(code) if code is not None else None), str(err.get("message", ""))[:limit]
 
 
 def classify(response: httpx.Response, *, system: str, operation: str) -> None:
@@ -56,7 +57,7 @@ def classify(response: httpx.Response, *, system: str, operation: str) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
-    code, message = _error_detail(response)
+    code, message = error_detail(response.content)
     request_id = response.headers.get("x-ms-service-request-id") or response.headers.get("x-request-id")
     text = f"{system} {operation}: HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
     kwargs: dict[str, Any] = {"system": system, "status_code": status, "code": code, "request_id": request_id}

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from shared.billing.models import Customer, Invoice, InvoiceLine
 from shared.dataverse.client import TableRef, UpsertRow
-from shared.dataverse.odata import bind
+from shared.odata import bind
 
 Owner = Literal["billing", "sales"]
 Transform = Callable[[Any], Any]

@@ -15,6 +15,7 @@ import json
 import uuid
 from typing import Annotated, Any, Literal
 
+from more_itertools import chunked
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
@@ -78,7 +79,7 @@ def split(entity: Entity, ids: list[str], *, size: int, run_id: str, source: Sou
     """Messages of at most `size` ids each (and never more than MAX_IDS), order kept, duplicates removed."""
     unique = list(dict.fromkeys(ids))
     step = max(1, min(size, MAX_IDS))
-    return [build(entity, unique[i : i + step], run_id=run_id, source=source) for i in range(0, len(unique), step)]
+    return [build(entity, list(part), run_id=run_id, source=source) for part in chunked(unique, step)]
 
 
 def parse(body: bytes | str) -> SyncMessage:

@@ -142,6 +142,44 @@ def retry_policies(settings: Settings) -> tuple[RetryPolicy, RetryPolicy]:
     return billing, dataverse
 
 
+def _billing(settings: Settings, breaker: CircuitBreaker, retry: RetryPolicy, metrics: Instruments) -> BillingClient:
+    config = BillingClientConfig(
+        base_url=settings.billing_url,
+        api_key=settings.billing_api_key.get_secret_value(),
+        pagination=settings.billing_pagination,
+        rate_limit_rps=settings.billing_rate_limit_rps,
+        page_size=settings.billing_page_size,
+        retry=retry,
+    )
+    hooks = api_hooks(metrics, "billing")
+    return BillingClient(config, breaker=breaker, hooks=hooks, verify=_verify(settings.billing_ca_bundle))
+
+
+def _dataverse(
+    settings: Settings, breaker: CircuitBreaker, retry: RetryPolicy, metrics: Instruments
+) -> DataverseClient:
+    limits = ProtectionLimits(
+        window_s=settings.dataverse_limit_window_s,
+        requests=settings.dataverse_limit_requests,
+        execution_ms=settings.dataverse_limit_execution_s * 1000.0,
+        fleet_size=settings.dataverse_fleet_size,
+    )
+    config = DataverseClientConfig(
+        org_url=settings.dataverse_url,
+        chunk_size=settings.dataverse_chunk_size,
+        max_concurrency=settings.dataverse_max_concurrency,
+        limits=limits,
+        retry=retry,
+    )
+    return DataverseClient(
+        config,
+        dataverse_credentials(settings),
+        verify=_verify(settings.dataverse_ca_bundle),
+        breaker=breaker,
+        hooks=api_hooks(metrics, "dataverse"),
+    )
+
+
 async def build(settings: Settings) -> Runtime:
     tables = _tables(settings)
     breakers = await tables.table("breakers")
@@ -150,37 +188,6 @@ async def build(settings: Settings) -> Runtime:
     dataverse_breaker = CircuitBreaker(breakers, "dataverse", config)
     billing_retry, dataverse_retry = retry_policies(settings)
     metrics = instruments()
-    billing = BillingClient(
-        BillingClientConfig(
-            base_url=settings.billing_url,
-            api_key=settings.billing_api_key.get_secret_value(),
-            pagination=settings.billing_pagination,
-            rate_limit_rps=settings.billing_rate_limit_rps,
-            page_size=settings.billing_page_size,
-            retry=billing_retry,
-        ),
-        breaker=billing_breaker,
-        hooks=api_hooks(metrics, "billing"),
-        verify=_verify(settings.billing_ca_bundle),
-    )
-    dataverse = DataverseClient(
-        DataverseClientConfig(
-            org_url=settings.dataverse_url,
-            chunk_size=settings.dataverse_chunk_size,
-            max_concurrency=settings.dataverse_max_concurrency,
-            limits=ProtectionLimits(
-                window_s=settings.dataverse_limit_window_s,
-                requests=settings.dataverse_limit_requests,
-                execution_ms=settings.dataverse_limit_execution_s * 1000.0,
-                fleet_size=settings.dataverse_fleet_size,
-            ),
-            retry=dataverse_retry,
-        ),
-        dataverse_credentials(settings),
-        verify=_verify(settings.dataverse_ca_bundle),
-        breaker=dataverse_breaker,
-        hooks=api_hooks(metrics, "dataverse"),
-    )
     queue, poison = _queue(settings, settings.queue_name), _queue(settings, settings.poison_queue)
     for client in (queue, poison):
         with contextlib.suppress(ResourceExistsError):
@@ -191,8 +198,8 @@ async def build(settings: Settings) -> Runtime:
         tables=tables,
         queue=queue,
         poison=poison,
-        billing=billing,
-        dataverse=dataverse,
+        billing=_billing(settings, billing_breaker, billing_retry, metrics),
+        dataverse=_dataverse(settings, dataverse_breaker, dataverse_retry, metrics),
         billing_breaker=billing_breaker,
         dataverse_breaker=dataverse_breaker,
         metrics=metrics,

@@ -18,20 +18,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, unquote
 
 from azure.core import MatchConditions
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
 from azure.data.tables import TableTransactionError, TransactionOperation, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
+from more_itertools import chunked
 
 from shared.billing.listing import ListingPosition
+from shared.clock import iso, utcnow
+from shared.odata import literal
+from shared.tablerow import from_row, to_row
 
 MAX_TRANSACTION = 100
 FILTER_KEYS = 15  # Table queries allow at most 15 discrete comparisons
@@ -57,20 +65,28 @@ def from_row_key(key: str) -> str:
     return unquote(key) if "%" in key else key
 
 
-def odata_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+class RowMoved(Exception):
+    """A conditional write found the row not as it was read: someone else wrote (or created, or deleted) it first."""
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_iso(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+async def write_if_unchanged(table: TableClient, row: Mapping[str, Any], etag: str | None) -> str | None:
+    """Create `row` (`etag` None: it must not exist yet) or replace it if it is still at `etag`; its new ETag.
+    Every optimistic-concurrency write of the state tables goes through here."""
+    try:
+        if etag is None:
+            meta = await table.create_entity(row, **RETRY_WRITES)
+        else:
+            meta = await table.update_entity(
+                row, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+            )
+    except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+        raise RowMoved(f"{row['PartitionKey']}/{row['RowKey']}") from None
+    except HttpResponseError as exc:
+        if exc.status_code in (409, 412):
+            raise RowMoved(f"{row['PartitionKey']}/{row['RowKey']}") from None
+        raise
+    etag_after: str | None = meta.get("etag")
+    return etag_after
 
 
 class StateTables:
@@ -118,16 +134,14 @@ async def query_keys(
 
     async def one(chunk: Sequence[str]) -> list[dict[str, Any]]:
         text = (
-            f"PartitionKey eq {odata_string(partition)} and ("
-            + " or ".join(f"RowKey eq {odata_string(k)}" for k in chunk)
-            + ")"
+            f"PartitionKey eq {literal(partition)} and (" + " or ".join(f"RowKey eq {literal(k)}" for k in chunk) + ")"
         )
         rows = []
         async for entity in table.query_entities(text, select=list(select) if select else None):
             rows.append({**entity, "__etag": entity.metadata.get("etag")})
         return rows
 
-    chunks = [unique[i : i + FILTER_KEYS] for i in range(0, len(unique), FILTER_KEYS)]
+    chunks = list(chunked(unique, FILTER_KEYS))
     results = await asyncio.gather(*(one(c) for c in chunks))
     return {str(row["RowKey"]): row for rows in results for row in rows}
 
@@ -149,47 +163,11 @@ class Checkpoint:
     etag: str | None = None
 
     def to_entity(self) -> dict[str, Any]:
-        pos = self.listing
-        return {
-            "PartitionKey": "watermark",
-            "RowKey": self.entity,
-            "watermark": self.watermark,
-            "run_id": self.run_id,
-            "since": pos.since,
-            "listing_started": self.listing_started,
-            "params": json.dumps(pos.params) if pos.params is not None else "",
-            "expected": pos.expected,
-            "listed": pos.listed,
-            "round": pos.round,
-            "pages": pos.pages,
-            "messages": self.messages,
-            "boundary": json.dumps(list(pos.boundary)),
-            "last_completed": self.last_completed,
-        }
+        return to_row(self, partition="watermark", row_key=self.entity, exclude=("etag", "entity"))
 
     @classmethod
     def from_entity(cls, entity: Mapping[str, Any], etag: str | None) -> Checkpoint:
-        boundary = json.loads(entity.get("boundary") or '["", []]')
-        params = entity.get("params")
-        position = ListingPosition(
-            since=str(entity.get("since") or ""),
-            expected=int(entity.get("expected") or 0),
-            round=int(entity.get("round") or 1),
-            pages=int(entity.get("pages") or 0),
-            listed=int(entity.get("listed") or 0),
-            params=json.loads(params) if params else None,
-            boundary=(str(boundary[0]), [str(i) for i in boundary[1]]),
-        )
-        return cls(
-            entity=str(entity["RowKey"]),
-            watermark=str(entity.get("watermark") or ""),
-            run_id=str(entity.get("run_id") or ""),
-            listing_started=str(entity.get("listing_started") or ""),
-            listing=position,
-            messages=int(entity.get("messages") or 0),
-            last_completed=str(entity.get("last_completed") or ""),
-            etag=etag,
-        )
+        return from_row(cls, entity, entity=str(entity["RowKey"]), etag=etag)
 
 
 class CheckpointConflict(Exception):
@@ -208,19 +186,10 @@ async def read_checkpoint(tables: StateTables, entity: str) -> Checkpoint:
 async def write_checkpoint(tables: StateTables, checkpoint: Checkpoint) -> Checkpoint:
     """Write with optimistic concurrency; returns the checkpoint with its new ETag."""
     table = await tables.table("syncstate")
-    entity = checkpoint.to_entity()
     try:
-        if checkpoint.etag is None:
-            meta = await table.create_entity(entity)
-        else:
-            meta = await table.update_entity(
-                entity, mode=UpdateMode.REPLACE, etag=checkpoint.etag, match_condition=MatchConditions.IfNotModified
-            )
-    except (ResourceExistsError, HttpResponseError) as exc:
-        if isinstance(exc, ResourceExistsError) or getattr(exc, "status_code", None) == 412:
-            raise CheckpointConflict(f"checkpoint of {checkpoint.entity} moved under us") from None
-        raise
-    checkpoint.etag = meta.get("etag")
+        checkpoint.etag = await write_if_unchanged(table, checkpoint.to_entity(), checkpoint.etag)
+    except RowMoved:
+        raise CheckpointConflict(f"checkpoint of {checkpoint.entity} moved under us") from None
     return checkpoint
 
 
@@ -286,7 +255,7 @@ async def recent_runs(tables: StateTables, *, limit: int = 20) -> list[dict[str,
 
 async def run_batches(tables: StateTables, run_id: str) -> AsyncIterator[dict[str, Any]]:
     table = await tables.table("syncruns")
-    async for row in table.query_entities(f"PartitionKey eq {odata_string(run_id)}"):
+    async for row in table.query_entities(f"PartitionKey eq {literal(run_id)}"):
         yield dict(row)
 
 
@@ -339,54 +308,51 @@ async def write_hashes(
 
     Returns the ids whose row changed meanwhile: another worker wrote the same record at the same time, and the CRM
     may now hold the older of the two versions. The caller re-syncs those ids (forced), so the latest one wins.
+    Rows go in transactions per partition (at most 100 each); a transaction with a conflict fails as a whole, and
+    its rows are then written one by one to find which.
     """
     table = await tables.table("synchashes")
     now = iso(utcnow())
-    ops: dict[str, list[tuple[SyncedHash, tuple[Any, ...]]]] = {}
+    by_partition: dict[str, list[_HashWrite]] = {}
     for h in new:
-        entity_row = {
-            "PartitionKey": hash_partition(entity, h.record_id),
-            "RowKey": row_key(h.record_id),
-            "hash": h.hash,
-            "version": h.version,
-            "synced_at": now,
-        }
+        row = {"PartitionKey": hash_partition(entity, h.record_id), "RowKey": row_key(h.record_id), "hash": h.hash,
+               "version": h.version, "synced_at": now}  # fmt: skip
         old = before.get(h.record_id)
-        if old is None or old.etag is None:
-            op: tuple[Any, ...] = (TransactionOperation.CREATE, entity_row)
-        else:
-            op = (
-                TransactionOperation.UPDATE,
-                entity_row,
-                {"mode": UpdateMode.REPLACE, "etag": old.etag, "match_condition": MatchConditions.IfNotModified},
-            )
-        ops.setdefault(str(entity_row["PartitionKey"]), []).append((h, op))
-
-    async def one_by_one(items: list[tuple[SyncedHash, tuple[Any, ...]]]) -> list[str]:
-        conflicts = []
-        for h, op in items:
-            try:
-                if op[0] == TransactionOperation.CREATE:
-                    await table.create_entity(op[1])
-                else:
-                    await table.update_entity(op[1], **op[2])
-            except (ResourceExistsError, ResourceNotFoundError):
-                conflicts.append(h.record_id)
-            except HttpResponseError as exc:
-                if exc.status_code not in (409, 412):
-                    raise
-                conflicts.append(h.record_id)
-        return conflicts
-
-    async def partition(items: list[tuple[SyncedHash, tuple[Any, ...]]]) -> list[str]:
-        conflicts: list[str] = []
-        for i in range(0, len(items), MAX_TRANSACTION):
-            part = items[i : i + MAX_TRANSACTION]
-            try:
-                await table.submit_transaction([op for _, op in part], **RETRY_WRITES)
-            except (TableTransactionError, ResourceExistsError, HttpResponseError):
-                conflicts += await one_by_one(part)  # a conflict fails the whole transaction: find which
-        return conflicts
-
-    found = await asyncio.gather(*(partition(items) for items in ops.values()))
+        by_partition.setdefault(str(row["PartitionKey"]), []).append(
+            _HashWrite(h.record_id, row, old.etag if old else None)
+        )
+    found = await asyncio.gather(*(_write_partition(table, writes) for writes in by_partition.values()))
     return [record_id for ids in found for record_id in ids]
+
+
+@dataclass(frozen=True)
+class _HashWrite:
+    record_id: str
+    row: dict[str, Any]
+    etag: str | None  # None: the row must not exist yet
+
+    def operation(self) -> tuple[Any, ...]:
+        if self.etag is None:
+            return (TransactionOperation.CREATE, self.row)
+        condition = {"mode": UpdateMode.REPLACE, "etag": self.etag, "match_condition": MatchConditions.IfNotModified}
+        return (TransactionOperation.UPDATE, self.row, condition)
+
+
+async def _write_partition(table: TableClient, writes: list[_HashWrite]) -> list[str]:
+    conflicts: list[str] = []
+    for part in chunked(writes, MAX_TRANSACTION):
+        try:
+            await table.submit_transaction([w.operation() for w in part], **RETRY_WRITES)
+        except (TableTransactionError, ResourceExistsError, HttpResponseError):
+            conflicts += await _one_by_one(table, part)  # a conflict fails the whole transaction: find which
+    return conflicts
+
+
+async def _one_by_one(table: TableClient, writes: list[_HashWrite]) -> list[str]:
+    conflicts = []
+    for write in writes:
+        try:
+            await write_if_unchanged(table, write.row, write.etag)
+        except RowMoved:
+            conflicts.append(write.record_id)
+    return conflicts

@@ -17,9 +17,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import azure.functions as func
+
 from shared import messages
+from shared.clock import utcnow
 from shared.messages import Entity
-from shared.state import utcnow
+from shared.responses import error_response, json_response
+from shared.runtime import Runtime
 
 log = logging.getLogger("shared.webhook")
 ENTITY_OF_TYPE: dict[str, Entity] = {"customer": "customers", "invoice": "invoices"}
@@ -83,3 +87,26 @@ def parse_event(body: bytes) -> Event | None:
 def message_for(event: Event) -> messages.SyncMessage:
     run_id = f"webhook-{utcnow():%Y%m%d}"
     return messages.build(event.entity, [event.record_id], run_id=run_id, source="webhook")
+
+
+async def receive(runtime: Runtime, req: func.HttpRequest) -> func.HttpResponse:
+    secret = runtime.settings.webhook_secret
+    if secret is None:
+        return error_response(503, "webhooks are not configured (BILLING_WEBHOOK_SECRET is not set)")
+    body = req.get_body()
+    headers = {k.lower(): v for k, v in req.headers.items()}
+    secrets = [s.strip() for s in secret.get_secret_value().split(",") if s.strip()]
+    try:
+        verify(body, headers, secrets, tolerance_s=runtime.settings.webhook_tolerance_s)
+        event = parse_event(body)
+    except WebhookRejected as exc:
+        runtime.metrics.webhooks.add(1, {"outcome": exc.outcome})
+        log.warning("webhook refused (%s): %s", exc.outcome, exc)
+        return error_response(exc.status, str(exc))
+    if event is None:
+        runtime.metrics.webhooks.add(1, {"outcome": "ignored"})
+        return json_response({"accepted": False, "reason": "event type not synced"}, 202)
+    msg = message_for(event)
+    await runtime.queue.send_message(msg.body())
+    runtime.metrics.webhooks.add(1, {"outcome": "accepted"})
+    return json_response({"accepted": True, "batch_id": msg.batch_id}, 202)

@@ -12,56 +12,50 @@ For each message (docs/sync.md, "The batch worker"):
 
 Transient failures after in-process retries fail the invocation (the host redelivers); an open breaker defers the
 message with a visibility delay instead, without spending its dequeue budget.
+
+The decisions are `shared.plan` (pure), the CRM writes `shared.writes`, and what is written down afterwards (DLQ
+rows, hashes, repairs, the batch's ledger row) `shared.ledger`; this module runs them in order.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import dlq, messages, state
-from shared.billing.client import FetchResult
+from shared import dlq, ledger, messages, plan, state
 from shared.billing.models import Customer, Invoice
-from shared.dataverse.client import RowOutcome, UpsertRow
-from shared.dataverse.odata import literal
-from shared.errors import CircuitOpenError, InvalidRecord, SyncError, TransientError
-from shared.mapping import ACCOUNTS as ACCOUNT_TABLE
-from shared.mapping import INVOICE_LINES, INVOICES, LINE_MAP, content_hash, customer_row, invoice_rows
+from shared.errors import CircuitOpenError, InvalidRecord, TransientError
 from shared.messages import MalformedMessage, SyncMessage
 from shared.runtime import Runtime
+from shared.writes import write_records
 
 log = logging.getLogger("shared.worker")
 MIN_DEFER_S = 5
 MAX_DEFER_S = 300
-LINE_QUERY_CHUNK = 25  # invoice ids per lines query: `_invoiceid_value eq ... or ...` stays a short URL
 
 
 @dataclass
 class BatchResult:
     entity: str
-    counts: Counter[str] = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)  # ids by outcome (state.BATCH_COUNTS)
     dependencies_written: int = 0
     repaired: list[str] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)  # errors of records not written after retries
     outcome: str = "succeeded"  # succeeded, deferred, malformed
 
     def as_row(self) -> dict[str, Any]:
         return {k: self.counts.get(k, 0) for k in state.BATCH_COUNTS} | {
             "dependencies_written": self.dependencies_written,
-            "status": self.outcome,
+            "status": "failed" if self.failed else self.outcome,
         }
 
 
-@dataclass
-class _Planned:
-    record_id: str
-    version: int
-    hash: str
-    rows: list[UpsertRow]  # the record's own row first, then its lines
+class IncompleteBatch(TransientError):
+    """Some records of the batch were not written after retries: the host redelivers the message."""
 
 
 async def handle(runtime: Runtime, body: bytes, *, dequeue_count: int = 1) -> BatchResult:
@@ -79,28 +73,33 @@ async def handle(runtime: Runtime, body: bytes, *, dequeue_count: int = 1) -> Ba
     except CircuitOpenError as exc:
         result = await _defer(runtime, msg, exc)
     except Exception as exc:
-        await _record_failure(runtime, msg, exc, dequeue_count)
-        runtime.metrics.batches.add(1, {"entity": msg.entity, "outcome": "failed"})
-        # Every id of a failed delivery is accounted: what this delivery settled under its outcome, the rest as
-        # failed (the failure-rate alert counts them; the redelivery counts them again under their outcome).
-        counts = exc.counts if isinstance(exc, _Incomplete) else Counter({"failed": len(set(msg.ids))})
-        _emit_records(runtime, msg.entity, counts)
+        await _failed(runtime, msg, exc, dequeue_count, Counter({"failed": len(set(msg.ids))}))
         raise
+    if result.failed:
+        # Every id of a failed delivery is accounted: what it settled under its outcome, the rest as failed (the
+        # failure-rate alert counts them; the redelivery counts them again under their outcome).
+        error = IncompleteBatch(
+            f"batch {msg.batch_id}: {len(result.failed)} record(s) not written after retries "
+            f"({result.failed[0].get('message', '')}); the message will be redelivered",
+            system="dataverse",
+        )
+        await _failed(runtime, msg, error, dequeue_count, result.counts)
+        raise error
     runtime.metrics.batches.add(1, {"entity": msg.entity, "outcome": result.outcome})
     runtime.metrics.batch_duration.record((time.perf_counter() - started) * 1000, {"entity": msg.entity})
     _emit_records(runtime, msg.entity, result.counts)
     return result
 
 
-class _Incomplete(TransientError):
-    """Some records of the batch were not written after retries; `counts` says what happened to each id."""
+async def _failed(
+    runtime: Runtime, msg: SyncMessage, exc: BaseException, dequeue_count: int, counts: Mapping[str, int]
+) -> None:
+    await ledger.record_failure(runtime, msg, exc, dequeue_count)
+    runtime.metrics.batches.add(1, {"entity": msg.entity, "outcome": "failed"})
+    _emit_records(runtime, msg.entity, counts)
 
-    def __init__(self, message: str, *, counts: Counter[str], system: str) -> None:
-        super().__init__(message, system=system)
-        self.counts = counts
 
-
-def _emit_records(runtime: Runtime, entity: str, counts: Counter[str]) -> None:
+def _emit_records(runtime: Runtime, entity: str, counts: Mapping[str, int]) -> None:
     for outcome, n in counts.items():
         if n:
             runtime.metrics.records.add(n, {"entity": entity, "outcome": outcome})
@@ -153,25 +152,6 @@ async def _defer(runtime: Runtime, msg: SyncMessage, exc: CircuitOpenError) -> B
     return result
 
 
-async def _record_failure(runtime: Runtime, msg: SyncMessage, exc: BaseException, dequeue_count: int) -> None:
-    """Keep the last error of the batch where the poison handler will look for it."""
-    error = exc.to_dict() if isinstance(exc, SyncError) else {"type": type(exc).__name__, "message": str(exc)[:500]}
-    existing = await state.read_batch(runtime.tables, msg.run_id, msg.batch_id)
-    first = (existing or {}).get("first_failed") or state.iso(state.utcnow())
-    await state.record_batch(
-        runtime.tables,
-        msg.run_id,
-        msg.batch_id,
-        ids=len(msg.ids),
-        status="failed",
-        attempts=dequeue_count,
-        first_failed=first,
-        last_failed=state.iso(state.utcnow()),
-        last_error=dlq.mask(f"{error.get('type')}: {error.get('message')}")[:1000],
-    )
-    log.error("batch %s failed on delivery %d: %s", msg.batch_id, dequeue_count, error.get("message"))
-
-
 # ---- the sync of one message ----
 
 
@@ -180,219 +160,56 @@ async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:
     ids = list(dict.fromkeys(msg.ids))
     before = await state.read_hashes(runtime.tables, msg.entity, ids)  # before the fetch: see the module docstring
     fetched = await runtime.billing.fetch(msg.entity, ids)
-    failures: list[dlq.RecordFailure] = [_invalid(msg.entity, inv) for inv in fetched.invalid]
-    result.counts["invalid"] += len(fetched.invalid)
-    result.counts["not_found"] += len(fetched.not_found)
+    done = ledger.Settlement(before=before, not_found=fetched.not_found)
+    done.failures = [_invalid(msg.entity, inv) for inv in fetched.invalid]
+    result.counts.update(invalid=len(fetched.invalid), not_found=len(fetched.not_found))
     for record_id in fetched.not_found:
         log.info("batch %s: %s %s no longer exists in billing", msg.batch_id, msg.entity, record_id)
-
     records = dict(fetched.records)
-    dependency_hashes: list[state.SyncedHash] = []
     if msg.entity == "invoices":
-        blocked, dependency_hashes, result.dependencies_written = await _ensure_accounts(runtime, records, msg)
-        for invoice_id, reason in blocked.items():
-            records.pop(invoice_id)
-            failures.append(dlq.RecordFailure("invoices", invoice_id, "dependency", reason))
-            result.counts["invalid"] += 1
-
-    plans = _plan(records, before, result, force=msg.force)
-    written, rejected, failed = await _write(runtime, msg.entity, plans)
-    result.counts["written"] += len(written)
-    result.counts["rejected"] += len(rejected)
-    result.counts["failed"] += len(failed)
-    failures += rejected
-
-    if failures:
-        await dlq.put_records(runtime.tables, failures, run_id=msg.run_id, batch_id=msg.batch_id)
-        for f in failures:
-            runtime.metrics.dlq_writes.add(1, {"kind": "record", "reason": f.reason_kind})
-    new_hashes = [state.SyncedHash(p.record_id, p.hash, p.version) for p in written]
-    conflicts = await state.write_hashes(runtime.tables, msg.entity, new_hashes, before)
-    if dependency_hashes:
-        await state.write_hashes(runtime.tables, "customers", dependency_hashes, {})
-    if conflicts:
-        await _repair(runtime, msg, conflicts)
-        result.repaired = conflicts
-    if msg.source == "reprocess":
-        not_done = {f.record_id for f in failures} | set(fetched.not_found)
-        done = [i for i in ids if i not in not_done]
-        await dlq.mark(runtime.tables, [(f"record-{msg.entity}", state.row_key(i)) for i in done], "resolved")
-    if failed:
-        await state.record_batch(runtime.tables, msg.run_id, msg.batch_id, ids=len(ids), **result.as_row())
-        raise _Incomplete(
-            f"batch {msg.batch_id}: {len(failed)} record(s) not written after retries "
-            f"({failed[0].get('message', '') if failed else ''}); the message will be redelivered",
-            counts=result.counts,
-            system="dataverse",
-        )
-    if msg.source == "reprocess":
-        await dlq.mark(runtime.tables, [("message", state.row_key(msg.batch_id))], "resolved")
-    await state.record_batch(runtime.tables, msg.run_id, msg.batch_id, ids=len(ids), last_error="", **result.as_row())
+        await _ensure_accounts(runtime, records, msg, result, done)
+    decided = plan.plan_records(records, before, force=msg.force)
+    result.counts.update(unchanged=len(decided.unchanged), stale=len(decided.stale))
+    written = await write_records(runtime.dataverse, msg.entity, decided.write)
+    result.counts.update(written=len(written.written), rejected=len(written.rejected), failed=len(written.failed))
+    result.failed = written.failed
+    done.failures += written.rejected
+    done.written = written.written
+    result.repaired = await ledger.settle(runtime, msg, done)
+    await ledger.record_batch(runtime, msg, result.as_row(), complete=not result.failed)
     return result
-
-
-def _plan(
-    records: dict[str, Customer | Invoice], before: dict[str, state.SyncedHash], result: BatchResult, *, force: bool
-) -> list[_Planned]:
-    """What to write: records whose content changed, at a version not older than the one last written."""
-    plans: list[_Planned] = []
-    for record_id, record in records.items():
-        rows = _rows(record)
-        plan = _Planned(record_id, record.version, content_hash(rows), rows)
-        stored = before.get(record_id)
-        if stored is not None and record.version < stored.version:
-            result.counts["stale"] += 1  # billing answered an older version than the one last written
-        elif stored is not None and stored.hash == plan.hash and not force:
-            result.counts["unchanged"] += 1
-        else:
-            plans.append(plan)
-    return plans
 
 
 def _invalid(entity: str, invalid: InvalidRecord) -> dlq.RecordFailure:
     return dlq.RecordFailure(entity, invalid.record_id or "(no id)", "invalid", invalid.reason)
 
 
-def _rows(record: Customer | Invoice) -> list[UpsertRow]:
-    if isinstance(record, Customer):
-        return [customer_row(record)]
-    invoice, lines = invoice_rows(record)
-    return [invoice, *lines]
-
-
 async def _ensure_accounts(
-    runtime: Runtime, invoices: dict[str, Customer | Invoice], msg: SyncMessage
-) -> tuple[dict[str, str], list[state.SyncedHash], int]:
+    runtime: Runtime,
+    records: dict[str, Customer | Invoice],
+    msg: SyncMessage,
+    result: BatchResult,
+    done: ledger.Settlement,
+) -> None:
     """Invoices bind to their account by key, so the account must exist first: customers the sync has never
-    written are fetched and written here. Returns the invoices that cannot be written (with why), the new hashes
-    of the customers written, and how many were written."""
-    by_customer: dict[str, list[str]] = {}
-    for invoice in invoices.values():
-        assert isinstance(invoice, Invoice)  # noqa: S101
-        by_customer.setdefault(invoice.customer_id, []).append(invoice.id)
+    written are fetched and written here. Invoices whose account cannot be written leave `records` for the DLQ."""
+    by_customer = plan.invoices_by_customer(r for r in records.values() if isinstance(r, Invoice))
     known = await state.read_hashes(runtime.tables, "customers", by_customer)
     missing = [c for c in by_customer if c not in known]
-    blocked: dict[str, str] = {}
     if not missing:
-        return blocked, [], 0
-    fetched: FetchResult = await runtime.billing.fetch("customers", missing)
-    for invalid in fetched.invalid:
-        for invoice_id in by_customer.get(invalid.record_id or "", []):
-            blocked[invoice_id] = f"customer {invalid.record_id} is invalid in billing: {invalid.reason}"
-    for customer_id in fetched.not_found:
-        for invoice_id in by_customer.get(customer_id, []):
-            blocked[invoice_id] = f"customer {customer_id} does not exist in billing"
-    plans = []
-    for customer in fetched.records.values():
-        rows = _rows(customer)
-        plans.append(_Planned(customer.id, customer.version, content_hash(rows), rows))
-    written, rejected, failed = await _write(runtime, "customers", plans)
-    if failed:
+        return
+    fetched = await runtime.billing.fetch("customers", missing)
+    accounts = await write_records(runtime.dataverse, "customers", [plan.planned(c) for c in fetched.records.values()])
+    if accounts.failed:
         raise TransientError(f"batch {msg.batch_id}: accounts for its invoices not written", system="dataverse")
-    for failure in rejected:
-        for invoice_id in by_customer.get(failure.record_id, []):
-            blocked[invoice_id] = f"customer {failure.record_id} was rejected by Dataverse: {failure.reason}"
-    if rejected:
-        await dlq.put_records(runtime.tables, rejected, run_id=msg.run_id, batch_id=msg.batch_id)
-    hashes = [state.SyncedHash(p.record_id, p.hash, p.version) for p in written]
-    return blocked, hashes, len(written)
-
-
-async def _write(
-    runtime: Runtime, entity: str, plans: Sequence[_Planned]
-) -> tuple[list[_Planned], list[dlq.RecordFailure], list[dict[str, Any]]]:
-    """Upsert the planned records. Returns (written, rejected with reasons, transient failures)."""
-    if not plans:
-        return [], [], []
-    table = ACCOUNT_TABLE if entity == "customers" else INVOICES
-    outcomes = await runtime.dataverse.upsert_many(table, [p.rows[0] for p in plans])
-    by_key = {o.row.key_tuple: o for o in outcomes}
-    written: list[_Planned] = []
-    rejected: list[dlq.RecordFailure] = []
-    failed: list[dict[str, Any]] = []
-    guids: dict[str, str] = {}
-    for plan in plans:
-        outcome = by_key.get(plan.rows[0].key_tuple)
-        if outcome is None or outcome.status == "failed":
-            failed.append((outcome.error if outcome else None) or {"message": "no outcome"})
-        elif outcome.status == "rejected":
-            rejected.append(_rejection(entity, plan.record_id, outcome))
-        else:
-            written.append(plan)
-            if outcome.record_id:
-                guids[plan.record_id] = outcome.record_id
-    if entity == "invoices" and written:
-        written, line_rejected, line_failed = await _write_lines(runtime, written, guids)
-        rejected += line_rejected
-        failed += line_failed
-    return written, rejected, failed
-
-
-def _rejection(entity: str, record_id: str, outcome: RowOutcome) -> dlq.RecordFailure:
-    error = outcome.error or {}
-    code = error.get("code")
-    reason = f"Dataverse refused the {entity[:-1]}" + (f" ({code})" if code else "") + f": {error.get('message', '')}"
-    return dlq.RecordFailure(entity, record_id, "rejected", reason, error)
-
-
-async def _write_lines(
-    runtime: Runtime, invoices: list[_Planned], guids: dict[str, str]
-) -> tuple[list[_Planned], list[dlq.RecordFailure], list[dict[str, Any]]]:
-    """Upsert every line of the written invoices, then delete the CRM lines that billing no longer has."""
-    line_rows = [row for plan in invoices for row in plan.rows[1:]]
-    owner = {row.key_tuple: plan.record_id for plan in invoices for row in plan.rows[1:]}
-    outcomes = await runtime.dataverse.upsert_many(INVOICE_LINES, line_rows) if line_rows else []
-    bad: dict[str, dlq.RecordFailure] = {}
-    failed: list[dict[str, Any]] = []
-    for outcome in outcomes:
-        invoice_id = owner.get(outcome.row.key_tuple, "")
-        if outcome.status == "rejected":
-            line_id = next(iter(outcome.row.key.values()))
-            failure = _rejection("invoices", invoice_id, outcome)
-            bad.setdefault(invoice_id, dlq.RecordFailure(
-                "invoices", invoice_id, "rejected", f"line {line_id}: {failure.reason}", failure.error
-            ))  # fmt: skip
-        elif outcome.status == "failed":
-            failed.append(outcome.error or {"message": "line not written"})
-    removed_failed = await _delete_removed_lines(runtime, [p for p in invoices if p.record_id in guids], guids)
-    failed += removed_failed
-    ok = [p for p in invoices if p.record_id not in bad]
-    return ok, list(bad.values()), failed
-
-
-async def _delete_removed_lines(
-    runtime: Runtime, invoices: list[_Planned], guids: dict[str, str]
-) -> list[dict[str, Any]]:
-    key_column = LINE_MAP.key.column
-    keep = {str(row.key[key_column]) for plan in invoices for row in plan.rows[1:]}
-    failed: list[dict[str, Any]] = []
-    ids = [guids[p.record_id] for p in invoices if _is_guid(guids[p.record_id])]
-    for i in range(0, len(ids), LINE_QUERY_CHUNK):
-        chunk = ids[i : i + LINE_QUERY_CHUNK]
-        query = " or ".join(f"_invoiceid_value eq {literal(uuid.UUID(g))}" for g in chunk)
-        try:
-            async for page in runtime.dataverse.read_pages(INVOICE_LINES, select=[key_column], filter=query):
-                for line in page:
-                    line_id = line.get(key_column)
-                    if line_id and str(line_id) not in keep:
-                        await runtime.dataverse.delete(INVOICE_LINES, {key_column: line_id})
-                        log.info("line %s removed at the source: deleted from the CRM", line_id)
-        except TransientError as exc:
-            failed.append(exc.to_dict())
-    return failed
-
-
-async def _repair(runtime: Runtime, msg: SyncMessage, ids: list[str]) -> None:
-    """Another worker wrote some of these records at the same time: sync them again, forced, so the latest wins."""
-    log.warning("batch %s: %d record(s) written concurrently elsewhere; re-syncing them", msg.batch_id, len(ids))
-    run_id = f"repair-{state.utcnow():%Y%m%d}"  # its own ledger: the original run's counts stay those of its listing
-    for repair in messages.split(msg.entity, ids, size=runtime.settings.batch_size, run_id=run_id, source="repair"):
-        await runtime.queue.send_message(repair.model_copy(update={"force": True}).body())
-
-
-def _is_guid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
+    reasons = {i.record_id or "": f"customer {i.record_id} is invalid in billing: {i.reason}" for i in fetched.invalid}
+    reasons |= {c: f"customer {c} does not exist in billing" for c in fetched.not_found}
+    reasons |= {f.record_id: f"customer {f.record_id} was rejected by Dataverse: {f.reason}" for f in accounts.rejected}
+    for invoice_id, reason in plan.blocked_invoices(by_customer, reasons).items():
+        records.pop(invoice_id)
+        done.failures.append(dlq.RecordFailure("invoices", invoice_id, "dependency", reason))
+        result.counts["invalid"] += 1
+    if accounts.rejected:
+        await dlq.put_records(runtime.tables, accounts.rejected, run_id=msg.run_id, batch_id=msg.batch_id)
+    done.accounts = accounts.written
+    result.dependencies_written = len(accounts.written)

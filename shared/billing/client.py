@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import httpx
 from aiolimiter import AsyncLimiter
+from more_itertools import chunked
 
 from shared.billing.models import Entity, Record, parse_record
 from shared.billing.pagination import (
@@ -204,7 +205,7 @@ class BillingClient:
         result = FetchResult()
         unique = list(dict.fromkeys(ids))
         gate = asyncio.Semaphore(self.config.bulk_concurrency)
-        parts = [unique[i : i + MAX_BULK] for i in range(0, len(unique), MAX_BULK)]
+        parts = list(chunked(unique, MAX_BULK))
         left_out = await asyncio.gather(*(self._bulk_part(entity, part, result, gate) for part in parts))
         for record_id in (i for part in left_out for i in part):  # a single fetch's 404 is the "not found" we believe
             raw = await self._one(entity, record_id)

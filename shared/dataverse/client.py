@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import math
 import random
@@ -31,12 +30,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import httpx
+from more_itertools import chunked
 
 from shared import jsontext
 from shared.callpolicy import TRANSPORT_ERROR, Breaker, CallPolicy, Hooks, RetryPolicy, Sleep
-from shared.dataverse.odata import record_path
 from shared.errors import AuthError, FatalError, NotFoundError, SyncError, ThrottledError, TransientError
-from shared.http import classify, transport_error
+from shared.http import classify, error_detail, transport_error
+from shared.odata import record_path
 
 log = logging.getLogger("shared.dataverse")
 SYSTEM = "dataverse"
@@ -538,7 +538,7 @@ class DataverseClient:
     async def upsert_many(self, table: TableRef, rows: Sequence[UpsertRow]) -> list[RowOutcome]:
         unique, outcomes = self.dedupe(rows)
         size = max(1, self.config.chunk_size)
-        chunks = [unique[i : i + size] for i in range(0, len(unique), size)]
+        chunks = list(chunked(unique, size))
         write = self._write_chunk if table.bulk else self._write_batch
         results = await asyncio.gather(*(write(table, chunk) for chunk in chunks))
         for result in results:
@@ -672,7 +672,7 @@ def _batch_outcomes(
         elif status == 429 or status >= 500:
             again.append(row)
         else:
-            code, message = _part_error(part_body)
+            code, message = error_detail(part_body, limit=500)
             error = {"status_code": status, "code": code, "message": message, "type": "FatalError"}
             settled.append(RowOutcome(row, "rejected", error=error))
     return settled, again
@@ -698,14 +698,6 @@ def parse_batch_response(response: httpx.Response) -> list[tuple[int, dict[str, 
                 headers[name.strip().lower()] = value.strip()
         answers.append((status, headers, body.strip()))
     return answers
-
-
-def _part_error(body: bytes) -> tuple[str | None, str]:
-    try:
-        err = json.loads(body).get("error", {})
-    except (ValueError, AttributeError):
-        return None, body[:200].decode("utf-8", "replace")
-    return err.get("code"), str(err.get("message", ""))[:500]
 
 
 def _row_error(exc: SyncError) -> dict[str, Any]:

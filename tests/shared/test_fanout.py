@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -13,8 +12,8 @@ from starlette.routing import Route
 
 from sandbox.servers import ThreadedServer
 from shared import fanout, state
-from shared.runtime import Runtime, build
-from shared.settings import load_settings
+from shared.runtime import Runtime
+from tests.shared.runtimes import runtime_for
 
 pytestmark = pytest.mark.anyio
 
@@ -41,25 +40,10 @@ def endless() -> Iterator[str]:
 
 @pytest.fixture
 async def runtime(conn: str, endless: str) -> AsyncIterator[Runtime]:
-    settings = load_settings({
-        "AzureWebJobsStorage": conn,
-        "SYNC_TABLE_PREFIX": f"t{uuid.uuid4().hex[:12]}",
-        "SYNC_QUEUE": f"q{uuid.uuid4().hex[:12]}",
-        "SYNC_ENTITIES": "invoices",
-        "BILLING_BASE_URL": endless,
-        "BILLING_API_KEY": "fanout-test-key",
-        "BILLING_PAGE_SIZE": "10",
-        "BILLING_RATE_LIMIT_RPS": "1000",
-        "DATAVERSE_URL": "https://127.0.0.1:9",
-        "DATAVERSE_TENANT_ID": "00000000-0000-0000-0000-000000000001",
-        "DATAVERSE_CLIENT_ID": "fanout-test",
-        "DATAVERSE_CLIENT_SECRET": "fanout-test-secret",
-    })  # fmt: skip
-    built = await build(settings)
-    try:
+    values = {"SYNC_ENTITIES": "invoices", "BILLING_BASE_URL": endless, "BILLING_PAGE_SIZE": "10",
+              "BILLING_RATE_LIMIT_RPS": "1000"}  # fmt: skip
+    async with runtime_for(conn, **values) as built:
         yield built
-    finally:
-        await built.aclose()
 
 
 async def test_a_listing_the_platform_never_ends_fails_the_run_and_the_next_tick_starts_afresh(

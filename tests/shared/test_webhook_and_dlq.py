@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import dlq, webhook
+from shared import redact, webhook
 from shared.webhook import WebhookRejected
 
 BODY = json.dumps({"id": "evt_1", "type": "invoice.updated", "data": {"id": "in_1", "version": 3}}).encode()
@@ -60,7 +60,7 @@ def test_events_the_sync_does_not_follow_are_ignored_and_broken_ones_refused() -
     ],
 )
 def test_personal_data_and_credentials_are_masked_in_dlq_text(text: str, kept: str, gone: str) -> None:
-    masked = dlq.mask(text)
+    masked = redact.mask(text)
     assert kept in masked
     assert gone not in masked
 
@@ -70,4 +70,4 @@ def test_no_email_survives_masking_whole(email: str) -> None:
     local = email.rsplit("@", 1)[0]
     if set(local[1:]) <= {"*"}:  # "*@x.io" masks to "****@x.io", which holds it: nothing of it was shown
         return
-    assert email not in dlq.mask(f"owner {email} rejected")
+    assert email not in redact.mask(f"owner {email} rejected")

@@ -25,8 +25,8 @@ from shared.dataverse.client import (
     TableRef,
     UpsertRow,
 )
-from shared.dataverse.odata import bind
 from shared.errors import AuthError
+from shared.odata import bind
 
 pytestmark = pytest.mark.anyio
 SECRET = "client-test-secret"

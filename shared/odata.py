@@ -1,4 +1,5 @@
-"""Values put into OData URLs: every one goes through here, escaped (quotes doubled, then percent-encoded)."""
+"""Values put into OData URLs and filters (Dataverse's Web API, and Table storage queries): every one goes through
+here, escaped (quotes doubled; in URL paths, then percent-encoded)."""
 
 from __future__ import annotations
 

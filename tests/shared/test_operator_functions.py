@@ -1,0 +1,73 @@
+"""The operator's functions against Azurite: the poison handler, the DLQ API (list, reprocess) and health."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import azure.functions as func
+import pytest
+
+from shared import dlq, dlq_api, health, ledger, messages, poison
+from shared.runtime import Runtime
+from tests.shared.runtimes import runtime_for
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def runtime(conn: str) -> AsyncIterator[Runtime]:
+    async with runtime_for(conn) as built:
+        yield built
+
+
+def request(method: str, url: str, body: object = None, **params: str) -> func.HttpRequest:
+    data = json.dumps(body).encode() if body is not None else b""
+    return func.HttpRequest(method, url, body=data, params=params, headers={"content-type": "application/json"})
+
+
+async def test_a_poisoned_message_becomes_one_dlq_row_with_its_last_error_and_attempts(runtime: Runtime) -> None:
+    msg = messages.build("invoices", ["in_1", "in_2"], run_id="run-p", source="fanout")
+    await ledger.record_failure(runtime, msg, RuntimeError("Dataverse answered 503"), 5)
+    key = await poison.handle_poison(runtime, msg.body().encode(), dequeue_count=1)
+    rows = await dlq.rows(runtime.tables, dlq.Selection(all=True))
+    assert [(r["RowKey"], r["reason_kind"], r["attempts"]) for r in rows] == [(key, "poison", 5)]
+    assert "RuntimeError: Dataverse answered 503" in rows[0]["reason"]
+    assert messages.parse(rows[0]["body"]) == msg  # what reprocess will send again
+
+
+async def test_a_malformed_poisoned_message_is_kept_as_malformed(runtime: Runtime) -> None:
+    await poison.handle_poison(runtime, b'{"v": 1, "run_id": "r"}')
+    rows = await dlq.rows(runtime.tables, dlq.Selection(all=True))
+    assert [r["reason_kind"] for r in rows] == ["malformed"]
+
+
+async def test_reprocess_requeues_the_chosen_rows_marks_them_and_refuses_a_bad_selection(runtime: Runtime) -> None:
+    failures = [dlq.RecordFailure("customers", i, "invalid", "currency: unknown") for i in ("c1", "c2")]
+    await dlq.put_records(runtime.tables, failures, run_id="run-r", batch_id="b-r")
+    refused = await dlq_api.reprocess(runtime, request("POST", "/api/dlq/reprocess", {"status": ["nope"], "all": True}))
+    dry = await dlq_api.reprocess(runtime, request("POST", "/api/dlq/reprocess", {"ids": ["c1"], "dry_run": True}))
+    done = await dlq_api.reprocess(runtime, request("POST", "/api/dlq/reprocess", {"ids": ["c1"]}))
+    sent = [messages.parse(m.content) async for m in runtime.queue.receive_messages(max_messages=32)]
+    listed = await dlq_api.list_dlq(runtime, request("GET", "/api/dlq", status="requeued"))
+    assert refused.status_code == 400
+    assert "status" in json.loads(refused.get_body())["error"]
+    assert json.loads(dry.get_body())["would_requeue"] == 1
+    assert json.loads(done.get_body())["requeued_records"] == 1
+    assert [(m.ids, m.source) for m in sent] == [(("c1",), "reprocess")]
+    assert [r["record_id"] for r in json.loads(listed.get_body())["rows"]] == ["c1"]
+
+
+async def test_health_reports_breakers_dlq_depth_and_listings(runtime: Runtime) -> None:
+    await dlq.put_records(runtime.tables, [dlq.RecordFailure("customers", "c9", "invalid", "x")], run_id="r",
+                          batch_id="b")  # fmt: skip
+    for _ in range(runtime.settings.breaker_failure_threshold):
+        await runtime.dataverse_breaker.record_failure()
+    answer = await health.health(runtime)
+    body = json.loads(answer.get_body())
+    assert answer.status_code == 200
+    assert body["status"] == "degraded"
+    assert body["breakers"] == {"billing": "closed", "dataverse": "open"}
+    assert body["dlq_depth"] == 1
+    assert body["entities"]["invoices"] == {"watermark": None, "lag_seconds": None, "last_completed": None,
+                                            "listing": None}  # fmt: skip
