@@ -124,6 +124,11 @@ class ThreadedServer:
                 transport = getattr(connection, "transport", None)
                 if transport is not None:
                     transport.abort()
+            # Sockets accepted but never handed to uvicorn (a client gone in the middle of its TLS handshake) are
+            # known only to the loop: cut them too, or they outlive the server unclosed.
+            for stray in list(getattr(self.loop, "_transports", {}).values()):
+                if stray is not None and not stray.is_closing():
+                    stray.abort()
             self.loop.run_until_complete(asyncio.sleep(0.05))
             pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
             for task in pending:

@@ -6,7 +6,7 @@ import json
 import math
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -77,3 +77,18 @@ def transport_error(exc: httpx.HTTPError, *, system: str, operation: str) -> Syn
     if isinstance(exc, httpx.TimeoutException | httpx.TransportError):
         return TransientError(f"{system} {operation}: {type(exc).__name__}", system=system)
     return FatalError(f"{system} {operation}: {type(exc).__name__}", system=system)
+
+
+class PooledClient:
+    """An outside system's client over one httpx connection pool (`_http`), closed by `aclose()` or `async with`."""
+
+    _http: httpx.AsyncClient
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -39,7 +39,7 @@ from shared.errors import (
     SilentThrottleError,
     TransientError,
 )
-from shared.http import classify, transport_error
+from shared.http import PooledClient, classify, transport_error
 
 log = logging.getLogger("shared.billing")
 SYSTEM = "billing"
@@ -65,7 +65,7 @@ class FetchResult:
     not_found: list[str] = field(default_factory=list)
 
 
-class BillingClient:
+class BillingClient(PooledClient):
     """Reuse one instance (and its connection pool) across invocations; close it with `aclose()`."""
 
     def __init__(
@@ -99,15 +99,6 @@ class BillingClient:
     def silent_throttles(self) -> int:
         """Answers that were throttling without saying so: empty pages where records were due, short bulk fetches."""
         return self.stats.retried[SilentThrottleError.__name__] + self.stats.retried[PARTIAL]
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> BillingClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     # ---- one request ----
 

@@ -35,7 +35,7 @@ from more_itertools import chunked
 from shared import jsontext
 from shared.callpolicy import TRANSPORT_ERROR, Breaker, CallPolicy, Hooks, RetryPolicy, Sleep
 from shared.errors import AuthError, FatalError, NotFoundError, SyncError, ThrottledError, TransientError
-from shared.http import classify, error_detail, transport_error
+from shared.http import PooledClient, classify, error_detail, transport_error
 from shared.odata import record_path
 
 log = logging.getLogger("shared.dataverse")
@@ -423,7 +423,7 @@ class DataverseClientConfig:
         return f"{self.org_url.rstrip('/')}/.default"
 
 
-class DataverseClient:
+class DataverseClient(PooledClient):
     def __init__(
         self,
         config: DataverseClientConfig,
@@ -454,15 +454,6 @@ class DataverseClient:
             headers={"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"},
             limits=httpx.Limits(max_connections=config.max_concurrency * len(identities)),
         )
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> DataverseClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     # ---- one request, through an identity ----
 
