@@ -45,6 +45,7 @@ bench: deps
 	$(BIN)/python -m bench.dataverse_ceiling --rows 100000
 	$(BIN)/python -m bench.dataverse_fleet --rows 300000
 	$(BIN)/python -m bench.sync_pipeline --records 20000 --events 20
+	$(BIN)/python -m bench.masking
 
 fmt: deps
 	$(BIN)/ruff format .

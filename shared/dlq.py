@@ -8,8 +8,9 @@ Rows (table `deadletters`):
   and messages that reached the poison queue, with the body, the last error recorded for the batch and its attempts.
 
 `status` is `open` (needs an operator), `requeued` (reprocess sent it again) or `resolved` (it synced after being
-requeued). Personal data is masked before anything is stored: an email keeps its first letter and domain, a phone
-number its last four digits: enough to find the record, not enough to contact anyone.
+requeued). Personal data is masked before anything is stored (`shared.redact`): an email keeps its first letter and
+domain, a phone number its last four digits: enough to find the record, not enough to contact anyone. A message
+that parsed holds ids only and is stored verbatim, so reprocess replays exactly what failed.
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ async def put_message(
     attempts: int | None = None,
     last_error: str | None = None,
     first_failed: str | None = None,
+    verbatim: bool = False,
 ) -> str:
-    """A row for a whole message (malformed, or poisoned). Returns its RowKey."""
+    """A row for a whole message (malformed, or poisoned). Returns its RowKey. A message that parsed is `verbatim`:
+    it holds ids, not personal data, and reprocess sends it again exactly as it was (masking would rewrite a run id
+    that looks like a phone number); any other body is masked."""
     table = await tables.table("deadletters")
     now = iso(utcnow())
     key = row_key(batch_id) if batch_id else "body-" + hashlib.sha256(body.encode()).hexdigest()[:32]
@@ -102,7 +106,7 @@ async def put_message(
         "error": _short(last_error or ""),
         "run_id": run_id or "",
         "batch_id": batch_id or "",
-        "body": _short(body, MAX_BODY),
+        "body": body[:MAX_BODY] if verbatim else _short(body, MAX_BODY),
         "attempts": attempts if attempts is not None else 0,
         "first_failed": first_failed or "",
         "status": "open",

@@ -12,6 +12,7 @@ of redeliveries can fix it.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 SCHEMA_VERSION = 1
 MAX_IDS = 500
 MAX_BYTES = 48 * 1024  # base64 adds a third: 64 KiB on the wire
+# Run and batch ids are ours (`state.run_id_for`, `new_id`, `repair-…`, `reprocess-…`): letters, digits and `._:-`.
+KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
+# Record ids are billing's: any printable text up to 100 characters, never a control character (they reach logs,
+# Table keys and URLs).
+RECORD_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,100}$"
 Entity = Literal["customers", "invoices"]
 Source = Literal["fanout", "webhook", "reprocess", "repair"]
 
@@ -33,10 +39,10 @@ class SyncMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     v: Literal[1]
-    run_id: Annotated[str, Field(min_length=1, max_length=100)]
-    batch_id: Annotated[str, Field(min_length=1, max_length=100)]
+    run_id: Annotated[str, Field(pattern=KEY_PATTERN)]
+    batch_id: Annotated[str, Field(pattern=KEY_PATTERN)]
     entity: Entity
-    ids: Annotated[tuple[Annotated[str, Field(min_length=1, max_length=100)], ...], Field(min_length=1)]
+    ids: Annotated[tuple[Annotated[str, Field(pattern=RECORD_ID_PATTERN)], ...], Field(min_length=1)]
     source: Source = "fanout"
     deferrals: Annotated[int, Field(ge=0)] = 0
     force: bool = False  # write even when the stored hash matches (repairs after a concurrent write)
@@ -82,12 +88,22 @@ def split(entity: Entity, ids: list[str], *, size: int, run_id: str, source: Sou
     return [build(entity, list(part), run_id=run_id, source=source) for part in chunked(unique, step)]
 
 
-def parse(body: bytes | str) -> SyncMessage:
-    """A SyncMessage, or MalformedMessage naming what is wrong (never the whole body)."""
+def _load(body: bytes | str) -> Any:
+    """The body's JSON, bounded before it is parsed: too large, or nested deeper than the parser's stack, is
+    malformed (a message is an object of scalars and one list: two levels)."""
+    if len(body) > MAX_BYTES:
+        raise MalformedMessage(f"{len(body)} bytes, over the {MAX_BYTES} a message may hold")
     try:
-        data: Any = json.loads(body)
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedMessage(f"not JSON ({type(exc).__name__} at position {getattr(exc, 'pos', '?')})") from None
+    except RecursionError:
+        raise MalformedMessage("nested too deep to be a message") from None
+
+
+def parse(body: bytes | str) -> SyncMessage:
+    """A SyncMessage, or MalformedMessage naming what is wrong (never the whole body)."""
+    data = _load(body)
     if not isinstance(data, dict):
         raise MalformedMessage(f"expected a JSON object, got {type(data).__name__}")
     version = data.get("v")
@@ -109,16 +125,18 @@ def parse(body: bytes | str) -> SyncMessage:
 
 
 def peek_ids(body: bytes | str) -> tuple[str | None, str | None, str | None]:
-    """(run_id, batch_id, entity) from a body, as far as it can be read: for DLQ rows of broken messages."""
+    """(run_id, batch_id, entity) from a body, as far as it can be read and as far as each is well formed: for DLQ
+    rows of broken messages (anything else sent as an id, an email say, is not kept)."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = _load(body)
+    except MalformedMessage:
         return None, None, None
     if not isinstance(data, dict):
         return None, None, None
 
-    def text(key: str) -> str | None:
-        value = data.get(key)
-        return value[:100] if isinstance(value, str) else None
+    def key(name: str) -> str | None:
+        value = data.get(name)
+        return value if isinstance(value, str) and re.match(KEY_PATTERN, value) else None
 
-    return text("run_id"), text("batch_id"), text("entity")
+    entity = data.get("entity")
+    return key("run_id"), key("batch_id"), entity if entity in ("customers", "invoices") else None

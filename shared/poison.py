@@ -38,6 +38,7 @@ async def handle_poison(runtime: Runtime, body: bytes, *, dequeue_count: int = 1
         attempts=attempts,
         last_error=last_error,
         first_failed=str(batch.get("first_failed") or ""),
+        verbatim=True,
     )
     await state.record_batch(runtime.tables, msg.run_id, msg.batch_id, status="poisoned", poisoned=len(msg.ids))
     runtime.metrics.dlq_writes.add(1, {"kind": "message", "reason": "poison"})

@@ -203,7 +203,7 @@ async def start_run(tables: StateTables, run_id: str, entity: str, since: str, s
     await table.upsert_entity(
         {
             "PartitionKey": "run",
-            "RowKey": run_id,
+            "RowKey": row_key(run_id),
             "entity": entity,
             "source": source,
             "since": since,
@@ -220,7 +220,7 @@ async def start_run(tables: StateTables, run_id: str, entity: str, since: str, s
 async def update_run(tables: StateTables, run_id: str, **values: Any) -> None:
     table = await tables.table("syncruns")
     await table.upsert_entity(
-        {"PartitionKey": "run", "RowKey": run_id, **values}, mode=UpdateMode.MERGE, **RETRY_WRITES
+        {"PartitionKey": "run", "RowKey": row_key(run_id), **values}, mode=UpdateMode.MERGE, **RETRY_WRITES
     )
 
 
@@ -228,7 +228,7 @@ async def record_batch(tables: StateTables, run_id: str, batch_id: str, **values
     """One row per batch, overwritten by each delivery: a redelivered batch is counted once, as it last ended."""
     table = await tables.table("syncruns")
     await table.upsert_entity(
-        {"PartitionKey": run_id, "RowKey": batch_id, "updated_at": iso(utcnow()), **values},
+        {"PartitionKey": row_key(run_id), "RowKey": row_key(batch_id), "updated_at": iso(utcnow()), **values},
         mode=UpdateMode.MERGE,
         **RETRY_WRITES,
     )
@@ -237,7 +237,7 @@ async def record_batch(tables: StateTables, run_id: str, batch_id: str, **values
 async def read_batch(tables: StateTables, run_id: str, batch_id: str) -> dict[str, Any] | None:
     table = await tables.table("syncruns")
     try:
-        return dict(await table.get_entity(run_id, batch_id))
+        return dict(await table.get_entity(row_key(run_id), row_key(batch_id)))
     except ResourceNotFoundError:
         return None
 
@@ -255,7 +255,7 @@ async def recent_runs(tables: StateTables, *, limit: int = 20) -> list[dict[str,
 
 async def run_batches(tables: StateTables, run_id: str) -> AsyncIterator[dict[str, Any]]:
     table = await tables.table("syncruns")
-    async for row in table.query_entities(f"PartitionKey eq {literal(run_id)}"):
+    async for row in table.query_entities(f"PartitionKey eq {literal(row_key(run_id))}"):
         yield dict(row)
 
 

@@ -44,7 +44,14 @@ def _columns(value: Any, exclude: tuple[str, ...]) -> dict[str, Any]:
 def from_row(cls: type[T], row: Mapping[str, Any], **given: Any) -> T:
     """An instance of dataclass `cls` from a Table row; `given` values (an ETag, the key) win over the row's."""
     values = {**_values(cls, row), **given}
-    return TypeAdapter(cls).validate_python(values)
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:  # built once per class: building one costs far more than using it
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    result: T = adapter.validate_python(values)
+    return result
+
+
+_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
 
 
 def _values(cls: type[Any], row: Mapping[str, Any]) -> dict[str, Any]:

@@ -139,6 +139,7 @@ async def _defer(runtime: Runtime, msg: SyncMessage, exc: CircuitOpenError) -> B
             entity=msg.entity,
             attempts=msg.deferrals,
             last_error=str(exc),
+            verbatim=True,
         )
         runtime.metrics.dlq_writes.add(1, {"kind": "message", "reason": "deferred_too_long"})
         await state.record_batch(runtime.tables, msg.run_id, msg.batch_id, status="dead-lettered", ids=len(msg.ids))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -51,3 +52,39 @@ def test_too_many_ids_is_malformed_before_validation() -> None:
 def test_ids_of_a_broken_message_are_read_as_far_as_possible() -> None:
     assert messages.peek_ids('{"run_id": "r1", "batch_id": 5, "entity": "invoices"}') == ("r1", None, "invoices")
     assert messages.peek_ids("nope") == (None, None, None)
+
+
+def _message(**fields: object) -> str:
+    return json.dumps({"v": 1, "run_id": "r", "batch_id": "b", "entity": "invoices", "ids": ["in_1"], **fields})
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("[" * 10_000 + "]" * 10_000, "nested too deep"),  # RecursionError in the parser before
+        ('{"v": 1, "x": ' + "[" * 10_000 + "]" * 10_000 + "}", "nested too deep"),
+        ('{"v": 1, "ids": ["' + "a" * MAX_BYTES + '"]}', "bytes, over"),
+        (_message(run_id="run/1"), "run_id: String should match pattern"),  # a Table key could not hold it
+        (_message(batch_id="b#1?x"), "batch_id: String should match pattern"),
+        (_message(run_id="ann@example.com"), "run_id: String should match pattern"),
+        (_message(ids=["in_1", "bad\nid"]), "ids.1: String should match pattern"),  # would forge a log line
+        (_message(ids=["nul\x00"]), "ids.0: String should match pattern"),
+    ],
+)
+def test_hostile_messages_are_malformed_with_the_place_named(body: str, reason: str) -> None:
+    with pytest.raises(MalformedMessage, match=reason):
+        messages.parse(body)
+
+
+def test_only_well_formed_ids_are_kept_from_a_broken_message() -> None:
+    """An email or a path sent as a run or batch id is neither a Table key nor personal data the DLQ may keep."""
+    body = '{"run_id": "ann@example.com", "batch_id": "b/../x", "entity": "orders"}'
+    assert messages.peek_ids(body) == (None, None, None)
+    assert messages.peek_ids("[" * 10_000) == (None, None, None)
+
+
+@given(st.text(max_size=200) | st.binary(max_size=200))
+def test_any_body_parses_or_is_malformed_and_nothing_else(body: str | bytes) -> None:
+    with contextlib.suppress(MalformedMessage):
+        messages.parse(body)
+    messages.peek_ids(body)

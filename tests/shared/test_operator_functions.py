@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import azure.functions as func
 import pytest
 
-from shared import dlq, dlq_api, health, ledger, messages, poison
+from shared import dlq, dlq_api, health, ledger, messages, poison, state, worker
 from shared.runtime import Runtime
 from tests.shared.runtimes import runtime_for
 
@@ -27,13 +27,14 @@ def request(method: str, url: str, body: object = None, **params: str) -> func.H
 
 
 async def test_a_poisoned_message_becomes_one_dlq_row_with_its_last_error_and_attempts(runtime: Runtime) -> None:
-    msg = messages.build("invoices", ["in_1", "in_2"], run_id="run-p", source="fanout")
+    run_id = state.run_id_for("invoices")  # 13 digits, then the entity: it looks like a phone number to masking
+    msg = messages.build("invoices", ["in_1", "in_2"], run_id=run_id, source="fanout")
     await ledger.record_failure(runtime, msg, RuntimeError("Dataverse answered 503"), 5)
     key = await poison.handle_poison(runtime, msg.body().encode(), dequeue_count=1)
     rows = await dlq.rows(runtime.tables, dlq.Selection(all=True))
     assert [(r["RowKey"], r["reason_kind"], r["attempts"]) for r in rows] == [(key, "poison", 5)]
     assert "RuntimeError: Dataverse answered 503" in rows[0]["reason"]
-    assert messages.parse(rows[0]["body"]) == msg  # what reprocess will send again
+    assert messages.parse(rows[0]["body"]) == msg  # what reprocess will send again, exactly
 
 
 async def test_a_malformed_poisoned_message_is_kept_as_malformed(runtime: Runtime) -> None:
@@ -71,3 +72,20 @@ async def test_health_reports_breakers_dlq_depth_and_listings(runtime: Runtime) 
     assert body["dlq_depth"] == 1
     assert body["entities"]["invoices"] == {"watermark": None, "lag_seconds": None, "last_completed": None,
                                             "listing": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 10_000 + b"]" * 10_000,
+        b'{"v": 1, "run_id": "r/1#x?", "batch_id": "b", "entity": "invoices", "ids": ["in_1"]}',
+        b'{"v": 1, "run_id": "ann@example.com", "batch_id": "+1 555 123 4567", "entity": "invoices", "ids": []}',
+    ],
+)
+async def test_a_hostile_message_is_dead_lettered_at_its_first_delivery(runtime: Runtime, body: bytes) -> None:
+    result = await worker.handle(runtime, body, dequeue_count=1)
+    rows = await dlq.rows(runtime.tables, dlq.Selection(all=True))
+    assert result.outcome == "malformed"
+    assert [r["reason_kind"] for r in rows] == ["malformed"]
+    assert "ann@example.com" not in json.dumps(rows)
+    assert "555 123 4567" not in json.dumps(rows)
