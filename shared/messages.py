@@ -11,6 +11,8 @@ of redeliveries can fix it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import uuid
@@ -33,6 +35,17 @@ Source = Literal["fanout", "webhook", "reprocess", "repair"]
 
 class MalformedMessage(ValueError):
     """The message breaks the queue contract; `reason` says where."""
+
+
+def from_queue(content: bytes) -> bytes:
+    """The message's JSON from what the queue holds. Every producer writes base64 text (the SDK's
+    TextBase64EncodePolicy), and host.json says `"messageEncoding": "none"`, so that the host hands over any
+    content and decoding happens here: content that is not base64 becomes a malformed message at its first delivery
+    instead of failing in the host, past every handler, on its way to `<queue>-poison-poison`."""
+    try:
+        return base64.b64decode(content.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedMessage(f"not base64 ({len(content)} bytes as the queue holds them)") from None
 
 
 class SyncMessage(BaseModel):
@@ -86,6 +99,14 @@ def split(entity: Entity, ids: list[str], *, size: int, run_id: str, source: Sou
     unique = list(dict.fromkeys(ids))
     step = max(1, min(size, MAX_IDS))
     return [build(entity, list(part), run_id=run_id, source=source) for part in chunked(unique, step)]
+
+
+def readable(content: bytes) -> bytes:
+    """What a broken message says, for its DLQ row: the decoded body, or the content itself when it is not base64."""
+    try:
+        return from_queue(content)
+    except MalformedMessage:
+        return content
 
 
 def _load(body: bytes | str) -> Any:

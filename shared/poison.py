@@ -12,12 +12,14 @@ from shared.runtime import Runtime
 log = logging.getLogger("shared.poison")
 
 
-async def handle_poison(runtime: Runtime, body: bytes, *, dequeue_count: int = 1) -> str:
-    """A message the host gave up on: one DLQ row with the body, the last error recorded for it and its attempts."""
+async def handle_poison(runtime: Runtime, content: bytes, *, dequeue_count: int = 1) -> str:
+    """A message the host gave up on (`content` as the queue holds it): one DLQ row with the body, the last error
+    recorded for it and its attempts."""
+    body = messages.readable(content)
     text = body.decode("utf-8", "replace")
     runtime.metrics.poison.add(1, {"queue": runtime.settings.queue_name})
     try:
-        msg = messages.parse(body)
+        msg = messages.parse(messages.from_queue(content))
     except MalformedMessage as exc:
         run_id, batch_id, entity = messages.peek_ids(body)
         key = await dlq.put_message(runtime.tables, body=text, reason_kind="malformed", reason=str(exc),

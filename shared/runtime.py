@@ -64,7 +64,7 @@ def _storage_credential(settings: Settings) -> Any:
 
 
 def _queue(settings: Settings, name: str) -> QueueClient:
-    encode, decode = TextBase64EncodePolicy(), TextBase64DecodePolicy()  # the host expects base64 bodies
+    encode, decode = TextBase64EncodePolicy(), TextBase64DecodePolicy()  # base64 text; the app decodes it
     if settings.storage_connection:
         return QueueClient.from_connection_string(
             settings.storage_connection, name, message_encode_policy=encode, message_decode_policy=decode

@@ -58,13 +58,14 @@ class IncompleteBatch(TransientError):
     """Some records of the batch were not written after retries: the host redelivers the message."""
 
 
-async def handle(runtime: Runtime, body: bytes, *, dequeue_count: int = 1) -> BatchResult:
-    """The whole of one delivery. Raises only when the host should redeliver the message."""
+async def handle(runtime: Runtime, content: bytes, *, dequeue_count: int = 1) -> BatchResult:
+    """The whole of one delivery (`content` as the queue holds it). Raises only when the host should redeliver."""
     started = time.perf_counter()
     try:
+        body = messages.from_queue(content)
         msg = messages.parse(body)
     except MalformedMessage as exc:
-        return await _malformed(runtime, body, str(exc))
+        return await _malformed(runtime, content, str(exc))
     log.info(
         "batch %s of run %s: %d %s (delivery %d)", msg.batch_id, msg.run_id, len(msg.ids), msg.entity, dequeue_count
     )
@@ -105,7 +106,8 @@ def _emit_records(runtime: Runtime, entity: str, counts: Mapping[str, int]) -> N
             runtime.metrics.records.add(n, {"entity": entity, "outcome": outcome})
 
 
-async def _malformed(runtime: Runtime, body: bytes, reason: str) -> BatchResult:
+async def _malformed(runtime: Runtime, content: bytes, reason: str) -> BatchResult:
+    body = messages.readable(content)
     run_id, batch_id, entity = messages.peek_ids(body)
     text = body.decode("utf-8", "replace")
     await dlq.put_message(

@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
+from azure.storage.queue.aio import QueueClient
 
 from sandbox.azurite import Azurite
 from sandbox.crm_check import CrmCheck
@@ -203,6 +205,25 @@ async def test_a_malformed_message_goes_to_the_dlq_at_once_with_its_reason(
     stats = next(listener.stats for listener in p.host.queue_listeners if listener.spec.name == "sync_batch")
     assert stats.invocations == 1
     assert stats.failed == 0  # no redelivery: it cannot get better
+
+
+async def test_content_that_is_not_base64_is_dead_lettered_at_its_first_delivery_not_moved_past_every_handler(
+    quiet: Platform,
+) -> None:
+    p = quiet
+    async with QueueClient.from_connection_string(p.conn, p.queue_name) as raw:  # no encode policy: text as it is
+        await raw.send_message("{not base64, not anything}")
+    rows = await eventually(lambda: dlq_rows(p, reason="malformed"), within=30, what="the DLQ row")
+    assert "not base64" in rows[0]["reason"]
+    stats = next(listener.stats for listener in p.host.queue_listeners if listener.spec.name == "sync_batch")
+    assert (stats.invocations, stats.failed) == (1, 0)
+    for suffix in ("-poison", "-poison-poison"):
+        async with p.queue(p.queue_name + suffix) as queue:
+            try:
+                left = await queue.peek_messages(max_messages=32)
+            except ResourceNotFoundError:
+                left = []  # never created: nothing was ever moved there
+            assert left == []
 
 
 async def test_a_message_that_always_fails_reaches_the_dlq_through_the_poison_queue_and_reprocess_syncs_it(

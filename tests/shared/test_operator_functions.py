@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,11 @@ async def runtime(conn: str) -> AsyncIterator[Runtime]:
         yield built
 
 
+def on_queue(body: bytes) -> bytes:
+    """As the queue holds a message: base64 text (host.json passes it through undecoded)."""
+    return base64.b64encode(body)
+
+
 def request(method: str, url: str, body: object = None, **params: str) -> func.HttpRequest:
     data = json.dumps(body).encode() if body is not None else b""
     return func.HttpRequest(method, url, body=data, params=params, headers={"content-type": "application/json"})
@@ -30,7 +36,7 @@ async def test_a_poisoned_message_becomes_one_dlq_row_with_its_last_error_and_at
     run_id = state.run_id_for("invoices")  # 13 digits, then the entity: it looks like a phone number to masking
     msg = messages.build("invoices", ["in_1", "in_2"], run_id=run_id, source="fanout")
     await ledger.record_failure(runtime, msg, RuntimeError("Dataverse answered 503"), 5)
-    key = await poison.handle_poison(runtime, msg.body().encode(), dequeue_count=1)
+    key = await poison.handle_poison(runtime, on_queue(msg.body().encode()), dequeue_count=1)
     rows = await dlq.rows(runtime.tables, dlq.Selection(all=True))
     assert [(r["RowKey"], r["reason_kind"], r["attempts"]) for r in rows] == [(key, "poison", 5)]
     assert "RuntimeError: Dataverse answered 503" in rows[0]["reason"]
@@ -38,7 +44,7 @@ async def test_a_poisoned_message_becomes_one_dlq_row_with_its_last_error_and_at
 
 
 async def test_a_malformed_poisoned_message_is_kept_as_malformed(runtime: Runtime) -> None:
-    await poison.handle_poison(runtime, b'{"v": 1, "run_id": "r"}')
+    await poison.handle_poison(runtime, on_queue(b'{"v": 1, "run_id": "r"}'))
     rows = await dlq.rows(runtime.tables, dlq.Selection(all=True))
     assert [r["reason_kind"] for r in rows] == ["malformed"]
 
@@ -83,9 +89,23 @@ async def test_health_reports_breakers_dlq_depth_and_listings(runtime: Runtime) 
     ],
 )
 async def test_a_hostile_message_is_dead_lettered_at_its_first_delivery(runtime: Runtime, body: bytes) -> None:
-    result = await worker.handle(runtime, body, dequeue_count=1)
+    result = await worker.handle(runtime, on_queue(body), dequeue_count=1)
     rows = await dlq.rows(runtime.tables, dlq.Selection(all=True))
     assert result.outcome == "malformed"
     assert [r["reason_kind"] for r in rows] == ["malformed"]
     assert "ann@example.com" not in json.dumps(rows)
     assert "555 123 4567" not in json.dumps(rows)
+
+
+@pytest.mark.parametrize("content", [b"not base64 at all!", b"\xff\xfe\x00", b""])
+async def test_content_that_is_not_base64_is_dead_lettered_by_the_worker_and_by_the_poison_handler(
+    runtime: Runtime, content: bytes
+) -> None:
+    """Before, the host failed to decode such content, past every handler, and it ended in -poison-poison."""
+    result = await worker.handle(runtime, content, dequeue_count=1)
+    await poison.handle_poison(runtime, content)
+    rows = await dlq.rows(runtime.tables, dlq.Selection(all=True))
+    assert result.outcome == "malformed"
+    assert [r["reason_kind"] for r in rows] == ["malformed"]  # one row: the same body, refreshed
+    assert rows[0]["occurrences"] == 2
+    assert "base64" in rows[0]["reason"] or "JSON" in rows[0]["reason"]
