@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ def verify(
     signature = headers.get("x-billing-signature", "")
     if not timestamp or not signature:
         raise WebhookRejected(401, "missing X-Billing-Timestamp or X-Billing-Signature", "bad_signature")
-    if not timestamp.isdigit():
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp):  # ASCII digits only: int() refuses '²' and 5,000 digits
         raise WebhookRejected(401, "X-Billing-Timestamp is not unix seconds", "bad_signature")
     offered = [part.strip() for part in signature.split(",") if part.strip().startswith("v1=")]
     if not any(hmac.compare_digest(sign(s, timestamp, body), o) for s in secrets for o in offered):
@@ -71,6 +72,8 @@ def parse_event(body: bytes) -> Event | None:
         data: Any = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise WebhookRejected(400, "the body is not JSON", "malformed") from None
+    except RecursionError:
+        raise WebhookRejected(400, "the body is nested too deep to be an event", "malformed") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise WebhookRejected(400, "the event has no 'type'", "malformed")
     kind = data["type"].split(".", 1)[0]

@@ -25,6 +25,10 @@ def test_a_signed_fresh_event_is_accepted_with_either_secret_during_a_rotation()
     assert webhook.parse_event(BODY) == webhook.Event("evt_1", "invoices", "in_1")
 
 
+def signed_at(timestamp: str) -> dict[str, str]:
+    return {"x-billing-timestamp": timestamp, "x-billing-signature": webhook.sign("s", timestamp, BODY)}
+
+
 @pytest.mark.parametrize(
     ("hdrs", "outcome"),
     [
@@ -32,6 +36,9 @@ def test_a_signed_fresh_event_is_accepted_with_either_secret_during_a_rotation()
         (headers("wrong", NOW), "bad_signature"),
         (headers("s", NOW, b"other body"), "bad_signature"),
         ({"x-billing-timestamp": "soon", "x-billing-signature": "v1=00"}, "bad_signature"),
+        (signed_at("\u00b2"), "bad_signature"),  # a superscript two: isdigit() says yes, int() raises
+        (signed_at("9" * 5000), "bad_signature"),  # int() refuses more than 4,300 digits
+        (signed_at("\u0661\u0667\u0660\u0660"), "bad_signature"),  # Arabic-Indic digits
         (headers("s", NOW - 301), "stale"),
         (headers("s", NOW + 301), "stale"),
     ],
@@ -47,6 +54,9 @@ def test_events_the_sync_does_not_follow_are_ignored_and_broken_ones_refused() -
     assert webhook.parse_event(b'{"type": "payout.created", "data": {"id": "po_1"}}') is None
     with pytest.raises(WebhookRejected, match=r"data\.id"):
         webhook.parse_event(b'{"type": "customer.updated", "data": {}}')
+    with pytest.raises(WebhookRejected, match="nested too deep") as info:
+        webhook.parse_event(b"[" * 10_000 + b"]" * 10_000)  # RecursionError, a 500, before
+    assert info.value.status == 400
 
 
 @pytest.mark.parametrize(
