@@ -28,7 +28,7 @@ from azure.data.tables import UpdateMode
 
 from shared.clock import iso, utcnow
 from shared.odata import literal
-from shared.redact import mask
+from shared.redact import mask, printable
 from shared.state import StateTables, from_row_key, row_key
 
 log = logging.getLogger("shared.dlq")
@@ -40,8 +40,8 @@ DEPTH_CAP = 10_000
 
 
 def _short(text: str, limit: int = MAX_TEXT) -> str:
-    text = mask(text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """What a DLQ row may hold of outside text: masked, control characters escaped, capped."""
+    return printable(mask(text), limit)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any, Self
 import httpx
 
 from shared.errors import AuthError, FatalError, NotFoundError, SyncError, ThrottledError, TransientError
+from shared.redact import printable
 
 MAX_RETRY_AFTER_S = 300.0
 _BODY_SNIPPET = 200
@@ -40,16 +41,17 @@ def parse_retry_after(
 
 def error_detail(content: bytes, *, limit: int = _BODY_SNIPPET) -> tuple[str | None, str]:
     """The error code and a short message from an error body: JSON `{"error": {"code", "message"}}` as Dataverse and
-    billing send it (a whole answer, or one part of a `$batch`), else the start of the text."""
+    billing send it (a whole answer, or one part of a `$batch`), else the start of the text. Outside text: made
+    printable (control characters escaped) and capped before it reaches an error, a log line or a DLQ row."""
     try:
         body = json.loads(content)
-    except ValueError:
-        return None, content[:limit].decode("utf-8", "replace")
+    except (ValueError, RecursionError):
+        return None, printable(content[:limit].decode("utf-8", "replace"), limit)
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
-        return None, str(body)[:limit]
+        return None, printable(str(body)[: limit * 2], limit)
     code = err.get("code")
-    return (str(code) if code is not None else None), str(err.get("message", ""))[:limit]
+    return (printable(str(code), 100) if code is not None else None), printable(str(err.get("message", "")), limit)
 
 
 def classify(response: httpx.Response, *, system: str, operation: str) -> None:

@@ -18,6 +18,16 @@ _SECRETISH = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=: ]+|secret[\"'=: ]+|si
 _MIN_PHONE_DIGITS = 7
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """Outside text made safe for one log line or one message: control characters and line separators escaped (a
+    newline in an id or an error body cannot forge a log line, a NUL cannot make a log binary), length capped."""
+    escaped = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
+
+
 def mask(text: str) -> str:
     """Emails, phone numbers and anything that looks like a credential, masked."""
     text = _SECRETISH.sub(lambda m: m.group(1) + "***", text)

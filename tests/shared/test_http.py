@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import httpx
@@ -101,3 +102,20 @@ def test_retry_after_is_seconds_or_an_http_date_clamped(value: str | None, expec
 )
 def test_transport_errors(exc: httpx.HTTPError, expected: type[SyncError]) -> None:
     assert type(transport_error(exc, system="billing", operation="list")) is expected
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        json.dumps({"error": {"code": "0x8004\n", "message": "bad\nINFO forged log line\x00\u2028end"}}).encode(),
+        b"<html>\r\nproxy error\x1b[31m</html>",
+        b"[" * 10_000 + b"]" * 10_000,  # a RecursionError in the parser before
+    ],
+)
+def test_an_error_body_reaches_the_error_printable_and_never_raises_anything_else(content: bytes) -> None:
+    response = httpx.Response(500, content=content)
+    with pytest.raises(TransientError) as info:
+        classify(response, system="dataverse", operation="UpsertMultiple accounts")
+    text = str(info.value) + str(info.value.code or "")
+    assert not [c for c in text if ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"]
+    assert len(text) < 400

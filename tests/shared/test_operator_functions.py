@@ -109,3 +109,15 @@ async def test_content_that_is_not_base64_is_dead_lettered_by_the_worker_and_by_
     assert [r["reason_kind"] for r in rows] == ["malformed"]  # one row: the same body, refreshed
     assert rows[0]["occurrences"] == 2
     assert "base64" in rows[0]["reason"] or "JSON" in rows[0]["reason"]
+
+
+async def test_dlq_rows_hold_no_raw_control_characters(runtime: Runtime) -> None:
+    reason = "name: too long\nINFO forged line\x00 for ann@example.com"
+    await dlq.put_records(runtime.tables, [dlq.RecordFailure("customers", "c1", "invalid", reason)], run_id="r",
+                          batch_id="b")  # fmt: skip
+    await worker.handle(runtime, b"\x00\x1b[2J not base64\n", dequeue_count=1)
+    rows = await dlq.rows(runtime.tables, dlq.Selection(all=True))
+    texts = [str(v) for row in rows for k, v in row.items() if k not in ("Timestamp",)]
+    assert len(rows) == 2
+    assert not [t for t in texts if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in t)]
+    assert "a***@example.com" in " ".join(texts)
