@@ -52,10 +52,13 @@ def from_row(cls: type[T], row: Mapping[str, Any], **given: Any) -> T:
 
 
 _ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+_HINTS: dict[type[Any], dict[str, Any]] = {}
 
 
 def _values(cls: type[Any], row: Mapping[str, Any]) -> dict[str, Any]:
-    hints = get_type_hints(cls)
+    hints = _HINTS.get(cls)
+    if hints is None:  # resolved once per class, like the adapters
+        hints = _HINTS[cls] = get_type_hints(cls)
     values: dict[str, Any] = {}
     for field in fields(cls):
         hint = hints[field.name]

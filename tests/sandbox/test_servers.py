@@ -20,7 +20,7 @@ from tests.polling import wait_until
 def _hanging_app(entered: threading.Event) -> Starlette:
     async def hang(request: Request) -> Response:
         entered.set()
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # hangs until the server cancels it: nobody ever sets this event
         return PlainTextResponse("never")
 
     return Starlette(routes=[Route("/hang", hang)])
