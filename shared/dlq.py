@@ -15,6 +15,7 @@ that parsed holds ids only and is stored verbatim, so reprocess replays exactly 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -26,6 +27,7 @@ from typing import Any, Literal
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
+from shared import messages
 from shared.clock import iso, utcnow
 from shared.odata import literal
 from shared.redact import mask, printable
@@ -36,6 +38,7 @@ Kind = Literal["record", "message"]
 Status = Literal["open", "requeued", "resolved"]
 MAX_TEXT = 2000
 MAX_BODY = 30_000  # a Table string property holds 64 KiB (32K UTF-16 characters)
+MAX_RAW = 16 * 1024  # bytes of a malformed message kept as they came, base64-encoded (under MAX_BODY characters)
 DEPTH_CAP = 10_000
 
 
@@ -88,13 +91,15 @@ async def put_message(
     last_error: str | None = None,
     first_failed: str | None = None,
     verbatim: bool = False,
+    raw: bytes | None = None,
+    key: str | None = None,
 ) -> str:
     """A row for a whole message (malformed, or poisoned). Returns its RowKey. A message that parsed is `verbatim`:
     it holds ids, not personal data, and reprocess sends it again exactly as it was (masking would rewrite a run id
     that looks like a phone number); any other body is masked."""
     table = await tables.table("deadletters")
     now = iso(utcnow())
-    key = row_key(batch_id) if batch_id else "body-" + hashlib.sha256(body.encode()).hexdigest()[:32]
+    key = key or (row_key(batch_id) if batch_id else "body-" + hashlib.sha256(body.encode()).hexdigest()[:32])
     row = {
         "PartitionKey": "message",
         "RowKey": key,
@@ -112,7 +117,30 @@ async def put_message(
         "status": "open",
         "last_seen": now,
     }
+    if raw is not None:
+        row |= {"raw_base64": base64.b64encode(raw[:MAX_RAW]).decode("ascii"), "raw_bytes": len(raw)}
     await _create_or_refresh(table, row, now)
+    return key
+
+
+async def put_malformed(tables: StateTables, content: bytes, reason: str, *, attempts: int = 1) -> str:
+    """A row for content that breaks the queue contract (`content` as the queue held it, whatever the bytes): the
+    reason, the ids as far as they can be read and are well formed, the body as readable masked text, and the raw
+    content base64-encoded (`raw_base64`, the first MAX_RAW bytes of `raw_bytes`) for whoever must find out what
+    sent it. Returns its RowKey."""
+    body = messages.readable(content)
+    run_id, batch_id, entity = messages.peek_ids(body)
+    key = await put_message(
+        tables,
+        body=body.decode("utf-8", "replace"),
+        reason_kind="malformed",
+        reason=reason,
+        run_id=run_id,
+        batch_id=batch_id,
+        entity=entity,
+        attempts=attempts,
+        raw=content,
+    )
     return key
 
 
@@ -213,10 +241,10 @@ def public(row: dict[str, Any], *, with_body: bool = False) -> dict[str, Any]:
     keep = (
         "kind", "entity", "record_id", "reason_kind", "reason", "error", "run_id", "batch_id", "status",
         "first_seen", "last_seen", "occurrences", "requeue_count", "requeued_at", "resolved_at", "attempts",
-        "first_failed",
+        "first_failed", "raw_bytes",
     )  # fmt: skip
     out = {k: row[k] for k in keep if k in row and row[k] not in (None, "")}
     out["key"] = f"{row['PartitionKey']}/{from_row_key(str(row['RowKey']))}"
-    if with_body and row.get("body"):
-        out["body"] = row["body"]
+    if with_body:
+        out |= {k: row[k] for k in ("body", "raw_base64") if row.get(k)}
     return out

@@ -107,19 +107,8 @@ def _emit_records(runtime: Runtime, entity: str, counts: Mapping[str, int]) -> N
 
 
 async def _malformed(runtime: Runtime, content: bytes, reason: str) -> BatchResult:
-    body = messages.readable(content)
-    run_id, batch_id, entity = messages.peek_ids(body)
-    text = body.decode("utf-8", "replace")
-    await dlq.put_message(
-        runtime.tables,
-        body=text,
-        reason_kind="malformed",
-        reason=reason,
-        run_id=run_id,
-        batch_id=batch_id,
-        entity=entity,
-        attempts=1,
-    )
+    _, batch_id, entity = messages.peek_ids(messages.readable(content))
+    await dlq.put_malformed(runtime.tables, content, reason)
     log.error("malformed message (batch %s) dead-lettered: %s", batch_id or "?", reason)
     runtime.metrics.dlq_writes.add(1, {"kind": "message", "reason": "malformed"})
     runtime.metrics.batches.add(1, {"entity": entity or "unknown", "outcome": "malformed"})

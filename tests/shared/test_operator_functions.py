@@ -111,6 +111,30 @@ async def test_content_that_is_not_base64_is_dead_lettered_by_the_worker_and_by_
     assert "base64" in rows[0]["reason"] or "JSON" in rows[0]["reason"]
 
 
+async def test_a_malformed_row_keeps_the_raw_content_base64_encoded_and_capped_with_the_decode_error(
+    runtime: Runtime,
+) -> None:
+    content = b"\xff\xfe not base64 " + bytes(range(256)) * 100  # 25.6 KB: over what a row keeps of it
+    await poison.handle_poison(runtime, content, dequeue_count=5)
+    (row,) = await dlq.rows(runtime.tables, dlq.Selection(all=True))
+    assert (row["reason_kind"], row["raw_bytes"], row["attempts"]) == ("malformed", len(content), 5)
+    assert "not base64" in row["reason"]
+    assert base64.b64decode(row["raw_base64"]) == content[: dlq.MAX_RAW]
+
+
+async def test_the_poison_handler_keeps_the_message_when_the_batch_ledger_cannot_be_read_or_written(
+    runtime: Runtime,
+) -> None:
+    """Before, a failing ledger write raised out of the poison handler: the message went to -poison-poison."""
+    msg = messages.build("invoices", ["in_1"], run_id="run-1", source="fanout")
+    ledger_table = await runtime.tables.table("syncruns")
+    await ledger_table.delete_table()  # every read and write of the batch's ledger row now fails
+    key = await poison.handle_poison(runtime, on_queue(msg.body().encode()))
+    (row,) = await dlq.rows(runtime.tables, dlq.Selection(all=True))
+    assert (row["RowKey"], row["reason_kind"]) == (key, "poison")
+    assert messages.parse(row["body"]) == msg
+
+
 async def test_dlq_rows_hold_no_raw_control_characters(runtime: Runtime) -> None:
     reason = "name: too long\nINFO forged line\x00 for ann@example.com"
     await dlq.put_records(runtime.tables, [dlq.RecordFailure("customers", "c1", "invalid", reason)], run_id="r",
