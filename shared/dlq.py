@@ -24,18 +24,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
 from azure.data.tables import UpdateMode
 
 from shared import messages
 from shared.clock import iso, utcnow
 from shared.odata import literal
 from shared.redact import mask, printable
-from shared.state import StateTables, from_row_key, row_key
+from shared.state import StateTables, from_row_key, query_keys, row_key
 
 log = logging.getLogger("shared.dlq")
 Kind = Literal["record", "message"]
-Status = Literal["open", "requeued", "resolved"]
 MAX_TEXT = 2000
 MAX_BODY = 30_000  # a Table string property holds 64 KiB (32K UTF-16 characters)
 MAX_RAW = 16 * 1024  # bytes of a malformed message kept as they came, base64-encoded (under MAX_BODY characters)
@@ -218,21 +223,51 @@ async def depth(tables: StateTables) -> int:
     return count
 
 
-async def mark(tables: StateTables, keyed: Iterable[tuple[str, str]], status: Status) -> int:
-    """Set the status of rows given as (PartitionKey, RowKey); rows that do not exist are passed over."""
+async def mark_requeued(tables: StateTables, keyed: Iterable[tuple[str, str]], token: str) -> int:
+    """Mark rows, given as (PartitionKey, RowKey), `requeued` under `token`, the one the messages sent for them
+    carry; rows that do not exist are passed over. Written before the messages are sent, so no message can come back
+    before its rows know its token."""
     table = await tables.table("deadletters")
     now = iso(utcnow())
     changed = 0
     for partition, key in keyed:
-        values: dict[str, Any] = {"PartitionKey": partition, "RowKey": key, "status": status, f"{status}_at": now}
         try:
-            if status == "requeued":
-                existing = await table.get_entity(partition, key)
-                values["requeue_count"] = int(existing.get("requeue_count") or 0) + 1
-            await table.update_entity(values, mode=UpdateMode.MERGE)
+            existing = await table.get_entity(partition, key)
+            await table.update_entity(
+                {"PartitionKey": partition, "RowKey": key, "status": "requeued", "requeued_at": now,
+                 "requeue_token": token, "requeue_count": int(existing.get("requeue_count") or 0) + 1},
+                mode=UpdateMode.MERGE,
+            )  # fmt: skip
             changed += 1
         except ResourceNotFoundError:
             continue
+    return changed
+
+
+async def resolve(tables: StateTables, partition: str, keys: Iterable[str], token: str | None) -> int:
+    """Mark `resolved` the rows of `partition` among `keys` that a reprocess requeued under `token` (and that no
+    later reprocess requeued again): a message without the token, or with another row's, resolves nothing."""
+    if token is None:
+        return 0
+    table = await tables.table("deadletters")
+    now = iso(utcnow())
+    found = await query_keys(table, partition, keys, select=["RowKey", "status", "requeue_token"])
+    changed = 0
+    for key, row in found.items():
+        if row.get("status") != "requeued" or row.get("requeue_token") != token:
+            continue
+        try:
+            await table.update_entity(
+                {"PartitionKey": partition, "RowKey": key, "status": "resolved", "resolved_at": now},
+                mode=UpdateMode.MERGE, etag=row["__etag"], match_condition=MatchConditions.IfNotModified,
+            )  # fmt: skip
+        except (ResourceModifiedError, ResourceNotFoundError):
+            continue  # requeued again meanwhile: the newer token resolves it
+        except HttpResponseError as exc:
+            if exc.status_code != 412:
+                raise
+            continue
+        changed += 1
     return changed
 
 

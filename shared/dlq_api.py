@@ -6,6 +6,7 @@ Rows are never deleted: reprocess marks them `requeued`, and the worker marks th
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,10 +93,14 @@ async def reprocess(runtime: Runtime, req: func.HttpRequest) -> func.HttpRespons
 
 
 async def requeue(runtime: Runtime, rows: list[dict[str, Any]]) -> ReprocessResult:
+    """Send the rows through the sync again under one new token: the rows are marked `requeued` with it first, then
+    the messages carrying it are sent, so only these messages can mark these rows `resolved`."""
     result = ReprocessResult(skipped=[])
     assert result.skipped is not None  # noqa: S101
+    token = secrets.token_hex(16)
     run_id = f"reprocess-{clock.utcnow():%Y%m%dT%H%M%S}"
     by_entity: dict[str, list[dict[str, Any]]] = {}
+    again: list[messages.SyncMessage] = []
     marked: list[tuple[str, str]] = []
     for row in rows:
         if row.get("kind") == "record":
@@ -106,15 +111,16 @@ async def requeue(runtime: Runtime, rows: list[dict[str, Any]]) -> ReprocessResu
         except MalformedMessage as exc:
             result.skipped.append(f"{row['RowKey']}: cannot be reprocessed ({exc})")
             continue
-        again = original.model_copy(update={"source": "reprocess", "deferrals": 0})
-        await runtime.queue.send_message(again.body())
+        again.append(original.model_copy(update={"source": "reprocess", "deferrals": 0, "dlq_token": token}))
         marked.append((str(row["PartitionKey"]), str(row["RowKey"])))
-        result.messages += 1
+    result.messages = len(again)
     for entity, entity_rows in by_entity.items():
         ids = [str(r["record_id"]) for r in entity_rows]
-        for msg in messages.split(entity, ids, size=runtime.settings.batch_size, run_id=run_id, source="reprocess"):  # type: ignore[arg-type]
-            await runtime.queue.send_message(msg.body())
+        split = messages.split(entity, ids, size=runtime.settings.batch_size, run_id=run_id, source="reprocess")  # type: ignore[arg-type]
+        again += [m.model_copy(update={"dlq_token": token}) for m in split]
         marked += [(str(r["PartitionKey"]), str(r["RowKey"])) for r in entity_rows]
         result.records += len(ids)
-    await dlq.mark(runtime.tables, marked, "requeued")
+    await dlq.mark_requeued(runtime.tables, marked, token)
+    for msg in again:
+        await runtime.queue.send_message(msg.body())
     return result

@@ -4,7 +4,7 @@
 - the hashes of the records written are stored, each on condition that its row is as it was read before the fetch
   (`state.write_hashes`); a row that moved meanwhile means another worker wrote the same record at the same time,
   and those records are synced again, forced, under a repair run of their own, so the latest version wins;
-- a reprocessed batch marks the DLQ rows it settled `resolved`;
+- a reprocessed batch marks the DLQ rows it settled `resolved`: only rows requeued under the token it carries;
 - one ledger row per batch (`syncruns`, PartitionKey the run id), overwritten by each delivery, so a redelivered
   batch is counted once, as it last ended; a failed delivery keeps its last error there for the poison handler.
 """
@@ -49,7 +49,7 @@ async def settle(runtime: Runtime, msg: SyncMessage, done: Settlement) -> list[s
     if msg.source == "reprocess":
         not_done = {f.record_id for f in done.failures} | set(done.not_found)
         settled = [i for i in dict.fromkeys(msg.ids) if i not in not_done]
-        await dlq.mark(runtime.tables, [(f"record-{msg.entity}", state.row_key(i)) for i in settled], "resolved")
+        await dlq.resolve(runtime.tables, f"record-{msg.entity}", map(state.row_key, settled), msg.dlq_token)
     return conflicts
 
 
@@ -66,7 +66,7 @@ async def record_batch(runtime: Runtime, msg: SyncMessage, counts: Mapping[str, 
     message's DLQ row."""
     extra: dict[str, Any] = {"last_error": ""} if complete else {}
     if complete and msg.source == "reprocess":
-        await dlq.mark(runtime.tables, [("message", state.row_key(msg.batch_id))], "resolved")
+        await dlq.resolve(runtime.tables, "message", [state.row_key(msg.batch_id)], msg.dlq_token)
     await state.record_batch(runtime.tables, msg.run_id, msg.batch_id, ids=len(set(msg.ids)), **counts, **extra)
 
 

@@ -2,7 +2,7 @@
 
 ```json
 {"v": 1, "run_id": "...", "batch_id": "...", "entity": "invoices", "ids": ["in_1", "in_2"],
- "source": "fanout", "deferrals": 0, "force": false}
+ "source": "fanout", "deferrals": 0, "force": false, "dlq_token": null}
 ```
 
 A message that does not parse is `MalformedMessage`: it goes to the DLQ at once with the reason, since no number
@@ -29,6 +29,9 @@ KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 # Record ids are billing's: any printable text up to 100 characters, never a control character (they reach logs,
 # Table keys and URLs).
 RECORD_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,100}$"
+# Written into the DLQ rows a reprocess requeues and carried by the messages it sends: only a message holding a row's
+# token may mark that row resolved (`dlq.resolve`).
+TOKEN_PATTERN = r"^[0-9a-f]{32}$"
 Entity = Literal["customers", "invoices"]
 Source = Literal["fanout", "webhook", "reprocess", "repair"]
 
@@ -59,6 +62,7 @@ class SyncMessage(BaseModel):
     source: Source = "fanout"
     deferrals: Annotated[int, Field(ge=0)] = 0
     force: bool = False  # write even when the stored hash matches (repairs after a concurrent write)
+    dlq_token: Annotated[str, Field(pattern=TOKEN_PATTERN)] | None = None  # set by reprocess only
 
     def body(self) -> str:
         text = self.model_dump_json()

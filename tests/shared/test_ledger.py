@@ -51,12 +51,33 @@ async def test_a_record_another_worker_wrote_meanwhile_is_sent_again_forced_unde
 async def test_failures_get_dlq_rows_and_a_reprocessed_batch_resolves_what_it_settled(runtime: Runtime) -> None:
     failures = [dlq.RecordFailure("invoices", i, "invalid", "currency: unknown") for i in ("i1", "i2", "i3")]
     await dlq.put_records(runtime.tables, failures, run_id="run-0", batch_id="b-0")
+    token = "0123456789abcdef" * 2
+    await dlq.mark_requeued(runtime.tables, [("record-invoices", i) for i in ("i1", "i2", "i3")], token)
     again = messages.build("invoices", ["i1", "i2", "i3"], run_id="reprocess-1", source="reprocess")
     still_bad = [dlq.RecordFailure("invoices", "i2", "rejected", "Dataverse refused the invoice")]
-    await ledger.settle(runtime, again, ledger.Settlement(failures=still_bad, not_found=["i3"]))
+    done = ledger.Settlement(failures=still_bad, not_found=["i3"])
+    await ledger.settle(runtime, again.model_copy(update={"dlq_token": token}), done)
     rows = await dlq.rows(runtime.tables, dlq.Selection(all=True, statuses=()))
     by_id = {r["record_id"]: (r["status"], r["reason_kind"]) for r in rows}
-    assert by_id == {"i1": ("resolved", "invalid"), "i2": ("open", "rejected"), "i3": ("open", "invalid")}
+    assert by_id == {"i1": ("resolved", "invalid"), "i2": ("open", "rejected"), "i3": ("requeued", "invalid")}
+
+
+@pytest.mark.parametrize("token", [None, "f" * 32])
+async def test_a_reprocess_message_without_the_rows_token_resolves_nothing(runtime: Runtime, token: str | None) -> None:
+    """Before, any message saying `"source": "reprocess"` marked the rows of its ids (or its batch id) resolved."""
+    await dlq.put_records(runtime.tables, [dlq.RecordFailure("invoices", "i1", "invalid", "x")], run_id="r",
+                          batch_id="b-0")  # fmt: skip
+    poisoned = messages.build("invoices", ["i9"], run_id="run-0", source="fanout")
+    await dlq.put_message(runtime.tables, body=poisoned.body(), reason_kind="poison", reason="x", run_id="run-0",
+                          batch_id=poisoned.batch_id, entity="invoices", verbatim=True)  # fmt: skip
+    await dlq.mark_requeued(runtime.tables, [("record-invoices", "i1"), ("message", poisoned.batch_id)], "0" * 32)
+    for forged in (messages.build("invoices", ["i1"], run_id="r", source="reprocess"),
+                   poisoned.model_copy(update={"source": "reprocess"})):  # fmt: skip
+        forged = forged.model_copy(update={"dlq_token": token})
+        await ledger.settle(runtime, forged, ledger.Settlement())
+        await ledger.record_batch(runtime, forged, {}, complete=True)
+    rows = await dlq.rows(runtime.tables, dlq.Selection(all=True, statuses=()))
+    assert sorted(r["status"] for r in rows) == ["requeued", "requeued"]
 
 
 async def test_a_failed_delivery_keeps_its_last_error_masked_and_its_first_failure_time(runtime: Runtime) -> None:
