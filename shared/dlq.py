@@ -135,7 +135,7 @@ async def put_malformed(tables: StateTables, content: bytes, reason: str, *, att
     sent it. Returns its RowKey."""
     body = messages.readable(content)
     run_id, batch_id, entity = messages.peek_ids(body)
-    key = await put_message(
+    return await put_message(
         tables,
         body=body.decode("utf-8", "replace"),
         reason_kind="malformed",
@@ -146,7 +146,6 @@ async def put_malformed(tables: StateTables, content: bytes, reason: str, *, att
         attempts=attempts,
         raw=content,
     )
-    return key
 
 
 async def _create_or_refresh(table: Any, row: dict[str, Any], now: str) -> None:

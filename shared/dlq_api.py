@@ -8,54 +8,70 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import azure.functions as func
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
-from shared import clock, dlq, messages
+from shared import clock, dlq, inputs, messages
 from shared.messages import MalformedMessage
-from shared.responses import error_response, json_response
+from shared.responses import json_response
 from shared.runtime import Runtime
 
 log = logging.getLogger("shared.dlq_api")
 MAX_LIST = 1000
+MAX_SELECTED_IDS = 10_000
 
 
-def _selection(params: dict[str, Any]) -> dlq.Selection:
-    statuses = params.get("status") or "open"
-    if isinstance(statuses, str):
-        statuses = [s.strip() for s in statuses.split(",") if s.strip()]
-    allowed = {"open", "requeued", "resolved", "any"}
-    if not isinstance(statuses, list) or not set(statuses) <= allowed:
-        raise ValueError(f"status: one or more of {', '.join(sorted(allowed))}")
-    ids = params.get("ids") or ()
-    if isinstance(ids, str):
-        ids = [i.strip() for i in ids.split(",") if i.strip()]
-    if not isinstance(ids, list | tuple) or not all(isinstance(i, str) for i in ids):
-        raise ValueError("ids: a list of record or batch ids")
-    entity = params.get("entity")
-    if entity not in (None, "", "customers", "invoices"):
-        raise ValueError("entity: customers or invoices")
-    return dlq.Selection(
-        all=params.get("all") in (True, "true", "1"),
-        run_id=params.get("run_id") or None,
-        reason=params.get("reason") or None,
-        ids=tuple(ids),
-        entity=entity or None,
-        statuses=() if "any" in statuses else tuple(statuses),
-    )
+def _comma_list(value: Any) -> Any:
+    """`a,b` in a query string (or a JSON string) is the list `[a, b]`."""
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
+class SelectionInput(BaseModel):
+    """Which DLQ rows: filters that combine. Shared by the list's query string and reprocess's body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: Annotated[str, Field(pattern=messages.KEY_PATTERN)] | None = None
+    reason: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    ids: Annotated[
+        list[Annotated[str, Field(pattern=messages.RECORD_ID_PATTERN)]],
+        BeforeValidator(_comma_list), Field(max_length=MAX_SELECTED_IDS),
+    ] = []  # fmt: skip
+    entity: messages.Entity | None = None
+    status: Annotated[list[Literal["open", "requeued", "resolved", "any"]], BeforeValidator(_comma_list)] = ["open"]
+
+    def selection(self, *, all_rows: bool) -> dlq.Selection:
+        return dlq.Selection(
+            all=all_rows,
+            run_id=self.run_id,
+            reason=self.reason,
+            ids=tuple(self.ids),
+            entity=self.entity,
+            statuses=() if "any" in self.status else tuple(dict.fromkeys(self.status)),
+        )
+
+
+class ListQuery(SelectionInput):
+    """`GET /api/dlq?status=&run_id=&reason=&ids=&entity=&top=&body=`"""
+
+    top: Annotated[int, Field(ge=1, le=MAX_LIST)] = 100
+    body: bool = False
+
+
+class ReprocessRequest(SelectionInput):
+    """`POST /api/dlq/reprocess` `{"all" | "run_id" | "reason" | "ids" | "entity", "status", "dry_run"}`"""
+
+    all: StrictBool = False
+    dry_run: StrictBool = False
+
+
+@inputs.guarded
 async def list_dlq(runtime: Runtime, req: func.HttpRequest) -> func.HttpResponse:
-    params = dict(req.params)
-    try:
-        selection = _selection({**params, "all": "true"})
-        top = int(params.get("top", "100"))
-    except ValueError as exc:
-        return error_response(400, str(exc))
-    rows = await dlq.rows(runtime.tables, selection, limit=max(1, min(top, MAX_LIST)))
-    with_body = params.get("body") in ("1", "true")
-    return json_response({"count": len(rows), "rows": [dlq.public(r, with_body=with_body) for r in rows]})
+    params = inputs.query(req, ListQuery)
+    rows = await dlq.rows(runtime.tables, params.selection(all_rows=True), limit=params.top)
+    return json_response({"count": len(rows), "rows": [dlq.public(r, with_body=params.body) for r in rows]})
 
 
 @dataclass
@@ -65,26 +81,16 @@ class ReprocessResult:
     skipped: list[str] | None = None
 
 
+@inputs.guarded
 async def reprocess(runtime: Runtime, req: func.HttpRequest) -> func.HttpResponse:
     """Re-enqueue chosen DLQ rows: `{"all": true}`, `{"run_id": ...}`, `{"reason": ...}`, `{"ids": [...]}`
     (optionally `entity`, `status`, `dry_run`). Rows are marked `requeued`; nothing is deleted."""
-    try:
-        body = req.get_json() if req.get_body() else {}
-    except ValueError:
-        return error_response(400, 'the body must be JSON, for example {"all": true}')
-    if not isinstance(body, dict):
-        return error_response(400, "the body must be a JSON object")
-    unknown = sorted(set(body) - {"all", "run_id", "reason", "ids", "entity", "status", "dry_run"})
-    if unknown:
-        return error_response(400, f"unknown keys: {', '.join(unknown)}")
-    try:
-        selection = _selection(body)
-    except ValueError as exc:
-        return error_response(400, str(exc))
+    body = inputs.body(req, ReprocessRequest, empty={})
+    selection = body.selection(all_rows=body.all)
     if not (selection.all or selection.run_id or selection.reason or selection.ids or selection.entity):
-        return error_response(400, "choose rows: all, run_id, reason, ids or entity")
+        raise inputs.BadRequest("choose rows: all, run_id, reason, ids or entity")
     rows = await dlq.rows(runtime.tables, selection, limit=100_000)
-    if body.get("dry_run"):
+    if body.dry_run:
         return json_response({"dry_run": True, "would_requeue": len(rows), "rows": [dlq.public(r) for r in rows[:100]]})
     result = await requeue(runtime, rows)
     log.info("reprocess: %d records and %d messages requeued", result.records, result.messages)

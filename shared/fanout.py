@@ -78,9 +78,19 @@ async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[Fa
                 failures.append(f"{entity}: {type(exc).__name__}: {exc}")
     finally:
         await health.observe(runtime)  # the gauges the alerts read: DLQ depth, breaker states, lag
+        await _forget_webhook_events(runtime)
     if failures:
         raise FanoutFailed("fan-out failed for " + "; ".join(failures))
     return results
+
+
+async def _forget_webhook_events(runtime: Runtime) -> None:
+    """The replay cache's housekeeping (`shared.webhook`): events older than twice the tolerance cannot verify."""
+    try:
+        await state.forget_events(runtime.tables, older_than_s=2 * runtime.settings.webhook_tolerance_s + 60)
+    except Exception as exc:  # noqa: BLE001 - housekeeping: the next tick tries again
+        log.warning("fan-out: old webhook events not forgotten (%s: %s); the next tick tries again",
+                    type(exc).__name__, exc)  # fmt: skip
 
 
 async def _start(runtime: Runtime, cp: Checkpoint) -> Checkpoint:

@@ -8,7 +8,7 @@ from typing import Any
 
 import azure.functions as func
 
-from shared import __version__, clock, dlq, state
+from shared import __version__, clock, dlq, inputs, state
 from shared.responses import json_response
 from shared.runtime import Runtime
 from shared.telemetry import BREAKER_VALUES
@@ -53,6 +53,7 @@ def _listing(cp: state.Checkpoint) -> dict[str, Any] | None:
     return {"run_id": cp.run_id, "listed": cp.listing.listed, "expected": cp.listing.expected} if cp.run_id else None
 
 
+@inputs.guarded
 async def health(runtime: Runtime) -> func.HttpResponse:
     seen = await observe(runtime)
     runs = [

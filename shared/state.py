@@ -7,6 +7,7 @@
 | `synchashes` | entity + one hex digit | record id | content hash and source version last written |
 | `deadletters` | `record-<entity>` / `message` | record id / message key | the DLQ (see `shared.dlq`) |
 | `breakers` | `breaker` | system | circuit breaker state (`shared.breaker`) |
+| `webhookevents` | `event` | event id (or signed-bytes digest) | webhook events accepted lately: replays refused |
 
 Record ids are keys as they are unless they hold a character Table keys forbid (`/ \\ # ?`, control
 characters, `%`): those are percent-encoded, so every id has exactly one key. Transactions stay within one
@@ -18,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -37,13 +39,13 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 from more_itertools import chunked
 
 from shared.billing.listing import ListingPosition
-from shared.clock import iso, utcnow
+from shared.clock import iso, parse_iso, utcnow
 from shared.odata import literal
 from shared.tablerow import from_row, to_row
 
 MAX_TRANSACTION = 100
 FILTER_KEYS = 15  # Table queries allow at most 15 discrete comparisons
-TABLES = ("syncstate", "syncruns", "synchashes", "deadletters", "breakers")
+TABLES = ("syncstate", "syncruns", "synchashes", "deadletters", "breakers", "webhookevents")
 _FORBIDDEN = set("/\\#?%")
 # The Tables SDK sends a request again after a dropped connection for GET, PUT and DELETE only. A transaction is a
 # POST; sending one again is safe here: its writes are conditional, so one applied twice ends as conflicts, which
@@ -356,3 +358,40 @@ async def _one_by_one(table: TableClient, writes: list[_HashWrite]) -> list[str]
         except RowMoved:
             conflicts.append(write.record_id)
     return conflicts
+
+
+# ---- webhook events seen ----
+
+
+async def remember_event(tables: StateTables, key: str, *, window_s: float) -> bool:
+    """True the first time `key` is seen within `window_s` (a row is created); False for a repeat inside it. A row
+    older than the window is a new event that happens to reuse an id: it is taken, and the row renewed."""
+    table = await tables.table("webhookevents")
+    now = utcnow()
+    row = {"PartitionKey": "event", "RowKey": key, "seen_at": iso(now), "receipt": uuid.uuid4().hex}
+    try:
+        await table.create_entity(row, **RETRY_WRITES)
+    except ResourceExistsError:
+        existing = await table.get_entity("event", key)
+    else:
+        return True
+    if existing.get("receipt") == row["receipt"]:
+        return True  # our own create, sent again after its answer was lost
+    if (now - parse_iso(str(existing["seen_at"]))).total_seconds() <= window_s:
+        return False
+    try:
+        await write_if_unchanged(table, row, existing.metadata.get("etag"))
+    except RowMoved:
+        return False  # another instance took it first
+    return True
+
+
+async def forget_events(tables: StateTables, *, older_than_s: float) -> int:
+    """Delete the rows of events seen more than `older_than_s` ago (they can no longer verify); how many."""
+    table = await tables.table("webhookevents")
+    cutoff = iso(utcnow() - timedelta(seconds=older_than_s))
+    stale = table.query_entities(f"PartitionKey eq 'event' and seen_at lt {literal(cutoff)}", select=["RowKey"])
+    keys = [str(row["RowKey"]) async for row in stale]
+    for part in chunked(keys, MAX_TRANSACTION):
+        await table.submit_transaction([("delete", {"PartitionKey": "event", "RowKey": k}) for k in part])
+    return len(keys)

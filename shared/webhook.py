@@ -3,24 +3,26 @@
 The platform signs `"<timestamp>.<body>"` with HMAC-SHA256 and sends `X-Billing-Timestamp` (unix seconds) and
 `X-Billing-Signature: v1=<hex>` (several comma-separated during a key rotation). We accept the event when any `v1`
 signature matches any configured secret (`BILLING_WEBHOOK_SECRET`, comma-separated while rotating) and the timestamp
-is within the tolerance (default 300 s) of our clock, which bounds replays. Polling stays the safety net: an event
-we refuse is picked up by the next fan-out.
+is within the tolerance (default 300 s) of our clock. Inside that window a replay of a captured event would verify
+again, so each accepted event is remembered (`webhookevents`, by event id, or by the signed bytes when billing sent
+none) for twice the tolerance: a replay answers 200 and enqueues nothing. Polling stays the safety net: an event we
+refuse is picked up by the next fan-out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import azure.functions as func
+from pydantic import BaseModel, ConfigDict, Field
 
-from shared import messages
+from shared import inputs, messages, state
 from shared.clock import utcnow
 from shared.messages import Entity
 from shared.responses import error_response, json_response
@@ -31,10 +33,11 @@ ENTITY_OF_TYPE: dict[str, Entity] = {"customer": "customers", "invoice": "invoic
 
 
 class WebhookRejected(Exception):
-    def __init__(self, status: int, reason: str, outcome: str) -> None:
+    def __init__(self, status: int, reason: str, outcome: str, fields: list[dict[str, str]] | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.outcome = outcome
+        self.fields = fields or []
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -59,6 +62,20 @@ def verify(
         raise WebhookRejected(401, f"timestamp is {skew:.0f} s from now (tolerance {tolerance_s} s)", "stale")
 
 
+class EventData(BaseModel):
+    id: Annotated[str, Field(pattern=messages.RECORD_ID_PATTERN)]
+
+
+class BillingEvent(BaseModel):
+    """What the sync reads of an event; billing adds fields of its own (`created`, the record's other fields)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: Annotated[str, Field(pattern=messages.RECORD_ID_PATTERN)] | None = None
+    type: Annotated[str, Field(min_length=1, max_length=100)]
+    data: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class Event:
     event_id: str
@@ -67,24 +84,32 @@ class Event:
 
 
 def parse_event(body: bytes) -> Event | None:
-    """The event's entity and record id; None for an event type the sync does not follow."""
+    """The event's entity and record id; None for an event type the sync does not follow. The record id is checked
+    against the queue contract here, before anything is enqueued."""
     try:
-        data: Any = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WebhookRejected(400, "the body is not JSON", "malformed") from None
-    except RecursionError:
-        raise WebhookRejected(400, "the body is nested too deep to be an event", "malformed") from None
-    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-        raise WebhookRejected(400, "the event has no 'type'", "malformed")
-    kind = data["type"].split(".", 1)[0]
-    entity = ENTITY_OF_TYPE.get(kind)
+        event = inputs.validate(BillingEvent, _load(body))
+    except inputs.BadRequest as exc:
+        raise WebhookRejected(400, str(exc), "malformed", exc.fields) from None
+    entity = ENTITY_OF_TYPE.get(event.type.split(".", 1)[0])
     if entity is None:
         return None
-    inner = data.get("data")
-    record_id = inner.get("id") if isinstance(inner, dict) else None
-    if not isinstance(record_id, str) or not record_id or len(record_id) > 100:
-        raise WebhookRejected(400, "the event has no 'data.id' (1-100 characters)", "malformed")
-    return Event(str(data.get("id") or "")[:100], entity, record_id)
+    try:
+        data = inputs.validate(EventData, event.data)
+    except inputs.BadRequest as exc:
+        fields = [{**f, "field": f"data.{f['field']}"} for f in exc.fields]
+        raise WebhookRejected(400, "the event has no valid 'data.id' (1-100 printable characters)", "malformed",
+                              fields) from None  # fmt: skip
+    return Event(event.id or "", entity, data.id)
+
+
+def _load(body: bytes) -> Any:
+    try:
+        data = inputs.load_json(body, what="the event")
+    except inputs.BadRequest as exc:
+        raise WebhookRejected(400, str(exc), "malformed") from None
+    if not isinstance(data, dict):
+        raise WebhookRejected(400, "the event must be a JSON object", "malformed")
+    return data
 
 
 def message_for(event: Event) -> messages.SyncMessage:
@@ -92,6 +117,14 @@ def message_for(event: Event) -> messages.SyncMessage:
     return messages.build(event.entity, [event.record_id], run_id=run_id, source="webhook")
 
 
+def seen_key(event: Event, timestamp: str, body: bytes) -> str:
+    """What a replay repeats: the event id, or without one the signed bytes themselves."""
+    if event.event_id:
+        return state.row_key("id-" + event.event_id)
+    return "sig-" + hashlib.sha256(timestamp.encode() + b"." + body).hexdigest()
+
+
+@inputs.guarded
 async def receive(runtime: Runtime, req: func.HttpRequest) -> func.HttpResponse:
     secret = runtime.settings.webhook_secret
     if secret is None:
@@ -105,10 +138,15 @@ async def receive(runtime: Runtime, req: func.HttpRequest) -> func.HttpResponse:
     except WebhookRejected as exc:
         runtime.metrics.webhooks.add(1, {"outcome": exc.outcome})
         log.warning("webhook refused (%s): %s", exc.outcome, exc)
-        return error_response(exc.status, str(exc))
+        return json_response({"error": str(exc), **({"fields": exc.fields} if exc.fields else {})}, exc.status)
     if event is None:
         runtime.metrics.webhooks.add(1, {"outcome": "ignored"})
         return json_response({"accepted": False, "reason": "event type not synced"}, 202)
+    key = seen_key(event, headers["x-billing-timestamp"], body)
+    if not await state.remember_event(runtime.tables, key, window_s=2 * runtime.settings.webhook_tolerance_s):
+        runtime.metrics.webhooks.add(1, {"outcome": "replayed"})
+        log.warning("webhook event %s received again within its tolerance window: not enqueued", event.event_id)
+        return json_response({"accepted": False, "reason": "event already received"}, 200)
     msg = message_for(event)
     await runtime.queue.send_message(msg.body())
     runtime.metrics.webhooks.add(1, {"outcome": "accepted"})

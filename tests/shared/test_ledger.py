@@ -71,9 +71,9 @@ async def test_a_reprocess_message_without_the_rows_token_resolves_nothing(runti
     await dlq.put_message(runtime.tables, body=poisoned.body(), reason_kind="poison", reason="x", run_id="run-0",
                           batch_id=poisoned.batch_id, entity="invoices", verbatim=True)  # fmt: skip
     await dlq.mark_requeued(runtime.tables, [("record-invoices", "i1"), ("message", poisoned.batch_id)], "0" * 32)
-    for forged in (messages.build("invoices", ["i1"], run_id="r", source="reprocess"),
-                   poisoned.model_copy(update={"source": "reprocess"})):  # fmt: skip
-        forged = forged.model_copy(update={"dlq_token": token})
+    for message in (messages.build("invoices", ["i1"], run_id="r", source="reprocess"),
+                    poisoned.model_copy(update={"source": "reprocess"})):  # fmt: skip
+        forged = message.model_copy(update={"dlq_token": token})
         await ledger.settle(runtime, forged, ledger.Settlement())
         await ledger.record_batch(runtime, forged, {}, complete=True)
     rows = await dlq.rows(runtime.tables, dlq.Selection(all=True, statuses=()))
