@@ -15,7 +15,6 @@ breaker-open alert reads that figure (`sync_breaker_open_seconds`), not the stat
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,11 +24,12 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables.aio import TableClient
 from pydantic import ValidationError
 
+from shared import logs
 from shared.errors import CircuitOpenError
 from shared.state import RowMoved, write_if_unchanged
 from shared.tablerow import from_row, to_row
 
-log = logging.getLogger("shared.breaker")
+log = logs.get_logger("shared.breaker")
 PARTITION = "breaker"
 State = Literal["closed", "open", "half_open"]
 Clock = Callable[[], float]

@@ -18,7 +18,6 @@ The numbers come from `Settings` (README, configuration: `*_RETRY_ATTEMPTS`, `*_
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,9 +34,10 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from shared import logs
 from shared.errors import SyncError, TransientError
 
-log = logging.getLogger("shared.callpolicy")
+log = logs.get_logger("shared.callpolicy")
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
 TRANSPORT_ERROR = "transport-error"  # the status of a request that got no HTTP answer

@@ -19,7 +19,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,13 +32,13 @@ from azure.core.exceptions import (
 )
 from azure.data.tables import UpdateMode
 
-from shared import messages
+from shared import logs, messages
 from shared.clock import iso, utcnow
 from shared.odata import literal
 from shared.redact import mask, printable
 from shared.state import StateTables, from_row_key, query_keys, row_key
 
-log = logging.getLogger("shared.dlq")
+log = logs.get_logger("shared.dlq")
 Kind = Literal["record", "message"]
 MAX_TEXT = 2000
 MAX_BODY = 30_000  # a Table string property holds 64 KiB (32K UTF-16 characters)
@@ -99,9 +98,8 @@ async def put_message(
     raw: bytes | None = None,
     key: str | None = None,
 ) -> str:
-    """A row for a whole message (malformed, or poisoned). Returns its RowKey. A message that parsed is `verbatim`:
-    it holds ids, not personal data, and reprocess sends it again exactly as it was (masking would rewrite a run id
-    that looks like a phone number); any other body is masked."""
+    """A row for a whole message (malformed, or poisoned); its RowKey. A `verbatim` body (one that parsed: ids only)
+    is kept as it was, for reprocess to send again (masking would rewrite a run id that looks like a phone number)."""
     table = await tables.table("deadletters")
     now = iso(utcnow())
     key = key or (row_key(batch_id) if batch_id else "body-" + hashlib.sha256(body.encode()).hexdigest()[:32])
@@ -122,10 +120,15 @@ async def put_message(
         "status": "open",
         "last_seen": now,
     }
-    if raw is not None:
-        row |= {"raw_base64": base64.b64encode(raw[:MAX_RAW]).decode("ascii"), "raw_bytes": len(raw)}
-    await _create_or_refresh(table, row, now)
+    await _create_or_refresh(table, row | _raw(raw), now)
     return key
+
+
+def _raw(content: bytes | None) -> dict[str, Any]:
+    """The content as the queue held it, for a message that did not parse: base64, capped, and its full size."""
+    if content is None:
+        return {}
+    return {"raw_base64": base64.b64encode(content[:MAX_RAW]).decode("ascii"), "raw_bytes": len(content)}
 
 
 async def put_malformed(tables: StateTables, content: bytes, reason: str, *, attempts: int = 1) -> str:

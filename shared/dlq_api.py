@@ -5,20 +5,19 @@ Rows are never deleted: reprocess marks them `requeued`, and the worker marks th
 
 from __future__ import annotations
 
-import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import azure.functions as func
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
-from shared import clock, dlq, inputs, messages
+from shared import clock, dlq, inputs, logs, messages
 from shared.messages import MalformedMessage
 from shared.responses import json_response
 from shared.runtime import Runtime
 
-log = logging.getLogger("shared.dlq_api")
+log = logs.get_logger("shared.dlq_api")
 MAX_LIST = 1000
 MAX_SELECTED_IDS = 10_000
 
@@ -78,7 +77,7 @@ async def list_dlq(runtime: Runtime, req: func.HttpRequest) -> func.HttpResponse
 class ReprocessResult:
     records: int = 0
     messages: int = 0
-    skipped: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)
 
 
 @inputs.guarded
@@ -95,31 +94,20 @@ async def reprocess(runtime: Runtime, req: func.HttpRequest) -> func.HttpRespons
     result = await requeue(runtime, rows)
     log.info("reprocess: %d records and %d messages requeued", result.records, result.messages)
     return json_response({"requeued_records": result.records, "requeued_messages": result.messages,
-                  "skipped": result.skipped or []})  # fmt: skip
+                  "skipped": result.skipped})  # fmt: skip
 
 
 async def requeue(runtime: Runtime, rows: list[dict[str, Any]]) -> ReprocessResult:
     """Send the rows through the sync again under one new token: the rows are marked `requeued` with it first, then
     the messages carrying it are sent, so only these messages can mark these rows `resolved`."""
-    result = ReprocessResult(skipped=[])
-    assert result.skipped is not None  # noqa: S101
     token = secrets.token_hex(16)
+    result = ReprocessResult()
+    again, marked = _replayed_messages(rows, token, result)
     run_id = f"reprocess-{clock.utcnow():%Y%m%dT%H%M%S}"
     by_entity: dict[str, list[dict[str, Any]]] = {}
-    again: list[messages.SyncMessage] = []
-    marked: list[tuple[str, str]] = []
     for row in rows:
         if row.get("kind") == "record":
             by_entity.setdefault(str(row["entity"]), []).append(row)
-            continue
-        try:
-            original = messages.parse(str(row.get("body") or ""))
-        except MalformedMessage as exc:
-            result.skipped.append(f"{row['RowKey']}: cannot be reprocessed ({exc})")
-            continue
-        again.append(original.model_copy(update={"source": "reprocess", "deferrals": 0, "dlq_token": token}))
-        marked.append((str(row["PartitionKey"]), str(row["RowKey"])))
-    result.messages = len(again)
     for entity, entity_rows in by_entity.items():
         ids = [str(r["record_id"]) for r in entity_rows]
         split = messages.split(entity, ids, size=runtime.settings.batch_size, run_id=run_id, source="reprocess")  # type: ignore[arg-type]
@@ -130,3 +118,21 @@ async def requeue(runtime: Runtime, rows: list[dict[str, Any]]) -> ReprocessResu
     for msg in again:
         await runtime.queue.send_message(msg.body())
     return result
+
+
+def _replayed_messages(
+    rows: list[dict[str, Any]], token: str, result: ReprocessResult
+) -> tuple[list[messages.SyncMessage], list[tuple[str, str]]]:
+    """The message rows' messages as they failed, now from reprocess with `token`; malformed ones are skipped."""
+    again: list[messages.SyncMessage] = []
+    marked: list[tuple[str, str]] = []
+    for row in (r for r in rows if r.get("kind") != "record"):
+        try:
+            original = messages.parse(str(row.get("body") or ""))
+        except MalformedMessage as exc:
+            result.skipped.append(f"{row['RowKey']}: cannot be reprocessed ({exc})")
+            continue
+        again.append(original.model_copy(update={"source": "reprocess", "deferrals": 0, "dlq_token": token}))
+        marked.append((str(row["PartitionKey"]), str(row["RowKey"])))
+    result.messages = len(again)
+    return again, marked

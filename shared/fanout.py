@@ -17,20 +17,19 @@ Per entity (docs/sync.md, "Fan-out"):
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from shared import clock, health, messages, state
+from shared import clock, health, logs, messages, state
 from shared.billing.listing import ChangeListing, ListingPosition
 from shared.billing.models import Entity
 from shared.errors import CircuitOpenError, ContractError
 from shared.runtime import Runtime
 from shared.state import Checkpoint, CheckpointConflict
 
-log = logging.getLogger("shared.fanout")
+log = logs.get_logger("shared.fanout")
 SEND_CONCURRENCY = 16
 
 Outcome = Literal["completed", "paused", "short", "conflict", "deferred", "failed"]

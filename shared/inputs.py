@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
@@ -19,10 +18,11 @@ from typing import Any, ParamSpec, TypeVar
 import azure.functions as func
 from pydantic import BaseModel, ValidationError
 
+from shared import logs
 from shared.redact import printable
 from shared.responses import json_response
 
-log = logging.getLogger("shared.inputs")
+log = logs.get_logger("shared.inputs")
 MAX_BODY_BYTES = 64 * 1024
 Model = TypeVar("Model", bound=BaseModel)
 P = ParamSpec("P")

@@ -11,18 +11,17 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import clock, dlq, messages, redact, state
+from shared import clock, dlq, logs, messages, redact, state
 from shared.errors import SyncError
 from shared.messages import SyncMessage
 from shared.plan import Planned
 from shared.runtime import Runtime
 
-log = logging.getLogger("shared.ledger")
+log = logs.get_logger("shared.ledger")
 
 
 @dataclass

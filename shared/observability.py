@@ -14,13 +14,13 @@ in with the app's managed identity, the one the authentication string names.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 from typing import Any
 
+from shared import logs
 from shared.settings import Settings
 
-log = logging.getLogger("shared.observability")
+log = logs.get_logger("shared.observability")
 CONNECTION_SETTING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
 SERVICE_NAME = "billing-crm-sync"
 # OpenTelemetry's own switches, read by the distro: defaults here, an app setting wins.

@@ -10,14 +10,13 @@ itself (storage down) is raised, so that the host tries again while storage come
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any
 
-from shared import dlq, messages, state
+from shared import dlq, logs, messages, state
 from shared.messages import MalformedMessage, SyncMessage
 from shared.runtime import Runtime
 
-log = logging.getLogger("shared.poison")
+log = logs.get_logger("shared.poison")
 
 
 async def handle_poison(runtime: Runtime, content: bytes, *, dequeue_count: int = 1) -> str:

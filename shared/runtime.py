@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl
 import weakref
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient
 
+from shared import logs
 from shared.billing.client import BillingClient, BillingClientConfig
 from shared.breaker import BreakerConfig, CircuitBreaker
 from shared.callpolicy import Answered, Hooks, RetryPolicy
@@ -26,7 +26,7 @@ from shared.settings import Settings
 from shared.state import StateTables
 from shared.telemetry import Instruments, instruments
 
-log = logging.getLogger("shared.runtime")
+log = logs.get_logger("shared.runtime")
 
 
 @dataclass

@@ -18,7 +18,6 @@ exported at least once), and the instance that measures (every fan-out tick, eve
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import weakref
@@ -30,7 +29,9 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.util.types import Attributes
 
-log = logging.getLogger("shared.telemetry")
+from shared import logs
+
+log = logs.get_logger("shared.telemetry")
 
 METER_NAME: Final = "billing_crm_sync"
 GAUGE_MAX_AGE_S: Final = 120.0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import re
 import time
 from dataclasses import dataclass
@@ -22,13 +21,13 @@ from typing import Annotated, Any
 import azure.functions as func
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared import inputs, messages, state
+from shared import inputs, logs, messages, state
 from shared.clock import utcnow
 from shared.messages import Entity
 from shared.responses import error_response, json_response
 from shared.runtime import Runtime
 
-log = logging.getLogger("shared.webhook")
+log = logs.get_logger("shared.webhook")
 ENTITY_OF_TYPE: dict[str, Entity] = {"customer": "customers", "invoice": "invoices"}
 
 

@@ -19,21 +19,20 @@ rows, hashes, repairs, the batch's ledger row) `shared.ledger`; this module runs
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import dlq, ledger, messages, plan, state
+from shared import dlq, ledger, logs, messages, plan, state
 from shared.billing.models import Customer, Invoice
 from shared.errors import CircuitOpenError, InvalidRecord, TransientError
 from shared.messages import MalformedMessage, SyncMessage
 from shared.runtime import Runtime
 from shared.writes import write_records
 
-log = logging.getLogger("shared.worker")
+log = logs.get_logger("shared.worker")
 MIN_DEFER_S = 5
 MAX_DEFER_S = 300
 

@@ -10,7 +10,6 @@ written, and the CRM lines that billing no longer has are deleted. A record ends
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,14 +17,14 @@ from typing import Any
 
 from more_itertools import chunked
 
-from shared import dlq
+from shared import dlq, logs
 from shared.dataverse.client import DataverseClient, RowOutcome
 from shared.errors import TransientError
 from shared.mapping import ACCOUNTS, INVOICE_LINES, INVOICES, LINE_MAP
 from shared.odata import literal
 from shared.plan import Planned
 
-log = logging.getLogger("shared.writes")
+log = logs.get_logger("shared.writes")
 LINE_QUERY_CHUNK = 25  # invoice ids per lines query: `_invoiceid_value eq ... or ...` stays a short URL
 
 

@@ -61,9 +61,26 @@ def test_no_hand_written_retry_loop_is_left_in_the_package() -> None:
     assert sorted(set(loops)) == []
 
 
+def _own_loggers(tree: ast.AST, where: str) -> Iterator[str]:
+    """Loggers made with `logging.getLogger`, past the sanitiser of shared/logs.py."""
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+        if isinstance(call.func, ast.Attribute) and call.func.attr == "getLogger":
+            yield f"{where}:{call.lineno}"
+
+
+def test_every_logger_of_the_package_goes_through_the_sanitiser() -> None:
+    found = []
+    for path in sorted([*(ROOT / "shared").rglob("*.py"), ROOT / "function_app.py"]):
+        where = path.relative_to(ROOT).as_posix()
+        if where != "shared/logs.py":
+            found += _own_loggers(ast.parse(path.read_text(encoding="utf-8")), where)
+    assert found == []
+
+
 def test_the_shape_checks_see_what_they_look_for() -> None:
-    """The two checks above would fail on the code they forbid (a check that cannot fail proves nothing)."""
+    """The checks above would fail on the code they forbid (a check that cannot fail proves nothing)."""
     rounds = ast.parse("async def fetch():\n    for n in range(6):\n        if await ask():\n            return\n"
                        "        await self._sleep(policy.wait(n))\n")  # fmt: skip
     assert list(_sleeping_loops(rounds, "shared/x.py")) == ["shared/x.py:2 fetch"]
+    assert list(_own_loggers(ast.parse('log = logging.getLogger("shared.x")'), "shared/x.py")) == ["shared/x.py:1"]
     assert sum(1 for _ in _functions()) > 200

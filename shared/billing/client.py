@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,6 +21,7 @@ import httpx
 from aiolimiter import AsyncLimiter
 from more_itertools import chunked
 
+from shared import logs
 from shared.billing.models import Entity, Record, parse_record
 from shared.billing.pagination import (
     CursorPaginator,
@@ -41,7 +41,7 @@ from shared.errors import (
 )
 from shared.http import PooledClient, classify, transport_error
 
-log = logging.getLogger("shared.billing")
+log = logs.get_logger("shared.billing")
 SYSTEM = "billing"
 MAX_BULK = 100
 

@@ -16,16 +16,16 @@ budget resumes at the next request. What it guarantees (docs/sync.md, "Fan-out")
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shared import logs
 from shared.billing.client import BillingClient
 from shared.billing.models import Entity, Light
 from shared.billing.pagination import Paginator
 from shared.errors import ContractError
 
-log = logging.getLogger("shared.billing")
+log = logs.get_logger("shared.billing")
 MAX_ROUNDS = 3
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import math
 import random
 import re
@@ -32,13 +31,13 @@ from typing import Any, Literal, Protocol
 import httpx
 from more_itertools import chunked
 
-from shared import jsontext
+from shared import jsontext, logs
 from shared.callpolicy import TRANSPORT_ERROR, Breaker, CallPolicy, Hooks, RetryPolicy, Sleep
 from shared.errors import AuthError, FatalError, NotFoundError, SyncError, ThrottledError, TransientError
 from shared.http import PooledClient, classify, error_detail, transport_error
 from shared.odata import record_path
 
-log = logging.getLogger("shared.dataverse")
+log = logs.get_logger("shared.dataverse")
 SYSTEM = "dataverse"
 API_PATH = "/api/data/v9.2"
 TOKEN_MARGIN_S = 300.0
