@@ -30,7 +30,6 @@ class Settlement:
     written: list[Planned] = field(default_factory=list)  # hashes stored, conditional on `before`
     before: Mapping[str, state.SyncedHash] = field(default_factory=dict)
     accounts: list[Planned] = field(default_factory=list)  # customers written for the batch's invoices
-    not_found: list[str] = field(default_factory=list)
 
 
 async def settle(runtime: Runtime, msg: SyncMessage, done: Settlement) -> list[str]:
@@ -46,7 +45,7 @@ async def settle(runtime: Runtime, msg: SyncMessage, done: Settlement) -> list[s
     if conflicts:
         await _repair(runtime, msg, conflicts)
     if msg.source == "reprocess":
-        not_done = {f.record_id for f in done.failures} | set(done.not_found)
+        not_done = {f.record_id for f in done.failures}
         settled = [i for i in dict.fromkeys(msg.ids) if i not in not_done]
         await dlq.resolve(runtime.tables, f"record-{msg.entity}", map(state.row_key, settled), msg.dlq_token)
     return conflicts

@@ -65,6 +65,8 @@ BATCH_DURATION: Final = "sync_batch_duration_ms"
 API_REQUESTS: Final = "sync_api_requests"
 THROTTLED: Final = "sync_throttled"
 DLQ_WRITES: Final = "sync_dlq_writes"
+# Why a row is in the DLQ (its `reason_kind`); docs/operations.md says what an operator does with each.
+DLQ_REASONS: Final = ("invalid", "rejected", "dependency", "not_found", "malformed", "poison", "deferred_too_long")
 DLQ_DEPTH: Final = "sync_dlq_depth"
 POISON: Final = "sync_poison_messages"
 BREAKER_STATE: Final = "sync_breaker_state"
@@ -89,7 +91,7 @@ SPECS: Final = (
                {"system": SYSTEMS, "status": ()}),
     MetricSpec(THROTTLED, "counter", "{event}", "429 answers and silent throttling detected", {"system": SYSTEMS}),
     MetricSpec(DLQ_WRITES, "counter", "{row}", "rows written to the DLQ",
-               {"kind": ("record", "message"), "reason": ()}),
+               {"kind": ("record", "message"), "reason": DLQ_REASONS}),
     MetricSpec(DLQ_DEPTH, "gauge", "{row}", "open DLQ rows (measured by every fan-out tick and health call)"),
     MetricSpec(POISON, "counter", "{message}",
                "messages that reached the poison queue (0 is reported at start-up, so no data means no app)",

@@ -151,11 +151,10 @@ async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:
     ids = list(dict.fromkeys(msg.ids))
     before = await state.read_hashes(runtime.tables, msg.entity, ids)  # before the fetch: see the module docstring
     fetched = await runtime.billing.fetch(msg.entity, ids)
-    done = ledger.Settlement(before=before, not_found=fetched.not_found)
+    done = ledger.Settlement(before=before)
     done.failures = [_invalid(msg.entity, inv) for inv in fetched.invalid]
+    done.failures += [_not_found(msg.entity, record_id) for record_id in fetched.not_found]
     result.counts.update(invalid=len(fetched.invalid), not_found=len(fetched.not_found))
-    for record_id in fetched.not_found:
-        log.info("batch %s: %s %s no longer exists in billing", msg.batch_id, msg.entity, record_id)
     records = dict(fetched.records)
     if msg.entity == "invoices":
         await _ensure_accounts(runtime, records, msg, result, done)
@@ -173,6 +172,11 @@ async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:
 
 def _invalid(entity: str, invalid: InvalidRecord) -> dlq.RecordFailure:
     return dlq.RecordFailure(entity, invalid.record_id or "(no id)", "invalid", invalid.reason)
+
+
+def _not_found(entity: str, record_id: str) -> dlq.RecordFailure:
+    reason = f"billing has no {entity[:-1]} with this id (left out of a bulk answer, then 404 on its own)"
+    return dlq.RecordFailure(entity, record_id, "not_found", reason)
 
 
 async def _ensure_accounts(

@@ -1,8 +1,9 @@
 """The billing API client: every changed record, exactly once, at its latest version.
 
 - listing: one light page at a time through a paginator strategy (`shared.billing.listing` drives the listing);
-- fetching: bulk by up to 100 IDs, re-asking for IDs the platform left out, then confirming each still-missing
-  ID on its own, so "not found" is a fact and never a throttled answer taken at face value;
+- fetching: bulk by up to 100 IDs, re-asking for IDs the platform left out while many are missing and answers
+  bring more, then confirming each still-missing ID once on its own, so "not found" is a fact and never a
+  throttled answer taken at face value, and an unknown ID costs one bulk answer and one single fetch;
 - silent throttling (a 200 that cannot be right) is raised as SilentThrottleError and retried like a 429;
 - one client-side rate limiter paces every request below the platform's published limit;
 - an optional circuit breaker turns a run of failed operations into CircuitOpenError for the caller to defer.
@@ -44,6 +45,7 @@ from shared.http import PooledClient, classify, transport_error
 log = logs.get_logger("shared.billing")
 SYSTEM = "billing"
 MAX_BULK = 100
+CONFIRM_ONE_BY_ONE = 3  # ids a bulk answer may leave out that are confirmed one by one at once, not asked again
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class BillingClient(PooledClient):
         verify: Any = True,
     ) -> None:
         self.config = config
+        self.left_out_found = 0  # ids a bulk answer left out that a single fetch then found
         # A smooth pace a little under the limit: bursts are what trips a token bucket.
         limiter = AsyncLimiter(1, 1.0 / (config.rate_limit_rps * 0.95))
         self.policy = CallPolicy(SYSTEM, config.retry, breaker=breaker, limiter=limiter, hooks=hooks, sleep=sleep)
@@ -98,7 +101,8 @@ class BillingClient(PooledClient):
     @property
     def silent_throttles(self) -> int:
         """Answers that were throttling without saying so: empty pages where records were due, short bulk fetches."""
-        return self.stats.retried[SilentThrottleError.__name__] + self.stats.retried[PARTIAL]
+        retried = self.stats.retried
+        return retried[SilentThrottleError.__name__] + retried[PARTIAL] + self.left_out_found
 
     # ---- one request ----
 
@@ -162,11 +166,15 @@ class BillingClient(PooledClient):
     async def _bulk_part(
         self, entity: Entity, ids: Sequence[str], result: FetchResult, gate: asyncio.Semaphore
     ) -> list[str]:
-        """Ask for `ids` in bulk until each one is answered or the attempts run out; the ids still left out."""
+        """Ask for `ids` in bulk; the ids the answers left out. A short answer is asked again (silent throttling
+        leaves records out) only while many ids are missing and the last answer brought some of them: ids billing
+        does not know cost one bulk answer, then one single fetch each (`fetch`), not a round of retries."""
         pending = list(dict.fromkeys(ids))
+        few = max(CONFIRM_ONE_BY_ONE, len(pending) // 10)
+        progress = True
 
         async def once() -> list[str]:
-            nonlocal pending
+            nonlocal pending, progress
             async with gate:
                 data = await self._bulk(entity, pending)
             wanted = set(pending)
@@ -175,10 +183,14 @@ class BillingClient(PooledClient):
                 if record_id in wanted:  # not asked for, or a repeat in the answer: ignored
                     wanted.discard(record_id)
                     self._take(entity, raw, result)
+            progress = len(wanted) < len(pending)
             pending = [i for i in pending if i in wanted]
             return pending
 
-        return await self.policy.call(once, what=f"billing bulk fetch {entity}", partial=bool)
+        def worth_asking_again(left: list[str]) -> bool:
+            return len(left) > few and progress
+
+        return await self.policy.call(once, what=f"billing bulk fetch {entity}", partial=worth_asking_again)
 
     async def _one(self, entity: Entity, record_id: str) -> Any | None:
         async def once() -> Any | None:
@@ -198,12 +210,19 @@ class BillingClient(PooledClient):
         gate = asyncio.Semaphore(self.config.bulk_concurrency)
         parts = list(chunked(unique, MAX_BULK))
         left_out = await asyncio.gather(*(self._bulk_part(entity, part, result, gate) for part in parts))
-        for record_id in (i for part in left_out for i in part):  # a single fetch's 404 is the "not found" we believe
-            raw = await self._one(entity, record_id)
+        missing = [i for part in left_out for i in part]
+
+        async def confirm(record_id: str) -> None:  # a single fetch's 404 is the "not found" we believe
+            async with gate:
+                raw = await self._one(entity, record_id)
             if raw is None:
                 result.not_found.append(record_id)
             else:
+                self.left_out_found += 1  # it exists: the bulk answer was short (silent throttling, a dropped id)
                 self._take(entity, raw, result, asked=record_id)
+
+        await asyncio.gather(*(confirm(i) for i in missing))
+        result.not_found.sort(key=missing.index)
         return result
 
     @staticmethod

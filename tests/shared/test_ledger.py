@@ -54,12 +54,13 @@ async def test_failures_get_dlq_rows_and_a_reprocessed_batch_resolves_what_it_se
     token = "0123456789abcdef" * 2
     await dlq.mark_requeued(runtime.tables, [("record-invoices", i) for i in ("i1", "i2", "i3")], token)
     again = messages.build("invoices", ["i1", "i2", "i3"], run_id="reprocess-1", source="reprocess")
-    still_bad = [dlq.RecordFailure("invoices", "i2", "rejected", "Dataverse refused the invoice")]
-    done = ledger.Settlement(failures=still_bad, not_found=["i3"])
+    still_bad = [dlq.RecordFailure("invoices", "i2", "rejected", "Dataverse refused the invoice"),
+                 dlq.RecordFailure("invoices", "i3", "not_found", "billing has no invoice with this id")]  # fmt: skip
+    done = ledger.Settlement(failures=still_bad)
     await ledger.settle(runtime, again.model_copy(update={"dlq_token": token}), done)
     rows = await dlq.rows(runtime.tables, dlq.Selection(all=True, statuses=()))
     by_id = {r["record_id"]: (r["status"], r["reason_kind"]) for r in rows}
-    assert by_id == {"i1": ("resolved", "invalid"), "i2": ("open", "rejected"), "i3": ("requeued", "invalid")}
+    assert by_id == {"i1": ("resolved", "invalid"), "i2": ("open", "rejected"), "i3": ("open", "not_found")}
 
 
 @pytest.mark.parametrize("token", [None, "f" * 32])

@@ -169,6 +169,24 @@ async def test_ids_that_do_not_exist_are_reported_not_found_after_confirmation()
     assert sorted(result.not_found) == sorted(["cus_missing_1", "O'Brien & co/#1", "ünïcode"])
 
 
+@pytest.mark.parametrize(("known", "unknown"), [(0, 1), (97, 3), (0, 100)])
+async def test_an_unknown_id_costs_one_bulk_answer_and_one_single_fetch(known: int, unknown: int) -> None:
+    """Before, ids left out of a bulk answer were asked for again in bulk, with back-off, until the attempts ran
+    out (seven or more calls and 10-24 s for a batch holding one unknown id), and the breaker counted a failure."""
+    with billing_server(records=200, seed=6, api_key=KEY) as running:
+        real = running.store.all_ids("invoices")[:known]
+        missing = [f"in_gone_{n}" for n in range(unknown)]
+        async with client_for(running.url) as client:
+            result = await client.fetch("invoices", [*real, *missing])
+            retries = client.stats.retries
+        served = total_requests(running)
+    assert sorted(result.not_found) == sorted(missing)
+    assert len(result.records) + len(result.invalid) == known
+    assert served == 1 + unknown  # one bulk answer, then one single fetch per unknown id
+    assert retries == 0
+    assert client.silent_throttles == 0
+
+
 async def test_invalid_records_name_the_field_and_do_not_sink_the_batch() -> None:
     profile = FaultProfile(billing=BillingFaults(invalid_record_rate=0.3))
     with billing_server(records=200, seed=7, profile=profile, api_key=KEY) as running:
