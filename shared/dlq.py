@@ -55,7 +55,7 @@ def _short(text: str, limit: int = MAX_TEXT) -> str:
 class RecordFailure:
     entity: str
     record_id: str
-    reason_kind: str  # invalid (breaks the billing contract), rejected (Dataverse refused it), dependency
+    reason_kind: str  # one of telemetry.DLQ_REASONS: invalid, rejected, dependency, not_found
     reason: str
     error: dict[str, Any] | None = None
 

@@ -89,3 +89,11 @@ def test_the_architecture_map_names_every_module_of_the_package() -> None:
         if f"`{relative}`" not in text and not (f"`{folder}`" in text and f"`{path.name}`" in text):
             unnamed.append(relative)
     assert unnamed == []
+
+
+def test_the_runbook_says_what_to_do_with_every_dlq_reason() -> None:
+    from shared.telemetry import DLQ_REASONS  # noqa: PLC0415 - one test's registry
+
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)` \| (record|message) \|", text, flags=re.MULTILINE))
+    assert sorted(rows) == sorted(DLQ_REASONS)
