@@ -134,8 +134,9 @@ def parse(body: bytes | str) -> SyncMessage:
     version = data.get("v")
     if version != SCHEMA_VERSION:
         raise MalformedMessage(f"v: unknown schema version {str(version)[:20]!r} (this worker reads {SCHEMA_VERSION})")
-    if len(data.get("ids") or ()) > MAX_IDS:
-        raise MalformedMessage(f"ids: {len(data['ids'])} ids, at most {MAX_IDS} per message")
+    ids = data.get("ids")
+    if isinstance(ids, list) and len(ids) > MAX_IDS:  # anything else that is not a list the model refuses
+        raise MalformedMessage(f"ids: {len(ids)} ids, at most {MAX_IDS} per message")
     try:
         return SyncMessage.model_validate(data)
     except ValidationError as exc:

@@ -69,6 +69,8 @@ def _message(**fields: object) -> str:
         (_message(run_id="ann@example.com"), "run_id: String should match pattern"),
         (_message(ids=["in_1", "bad\nid"]), "ids.1: String should match pattern"),  # would forge a log line
         (_message(ids=["nul\x00"]), "ids.0: String should match pattern"),
+        (_message(ids=True), "ids: Input should be a valid tuple"),  # found by the fuzz suite: a TypeError before
+        (_message(ids=7), "ids: Input should be a valid tuple"),
     ],
 )
 def test_hostile_messages_are_malformed_with_the_place_named(body: str, reason: str) -> None:
