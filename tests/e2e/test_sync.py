@@ -4,6 +4,7 @@ faults are injected by the simulators' profiles and the host, as a user's enviro
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -224,6 +225,65 @@ async def test_content_that_is_not_base64_is_dead_lettered_at_its_first_delivery
             except ResourceNotFoundError:
                 left = []  # never created: nothing was ever moved there
             assert left == []
+
+
+def _bad(**fields: Any) -> str:
+    return json.dumps({"v": 1, "run_id": "run-bad", "batch_id": "b-bad", "entity": "invoices", "ids": ["in_x"],
+                       **fields})  # fmt: skip
+
+
+BAD_MESSAGES: dict[str, tuple[str, bool]] = {  # kind: (text, sent as base64 like every producer)
+    "not base64": ("{not base64, not anything}", False),
+    "nested 10,000 levels": ("[" * 10_000 + "]" * 10_000, True),
+    "key characters in run_id": (_bad(run_id="r/1#x?y", batch_id="b-keys"), True),
+    "key characters in batch_id": (_bad(batch_id="b/../x#?"), True),
+    "email and phone as ids": (_bad(run_id="ann@example.com", batch_id="+1 555 123 4567"), True),
+    "46 KB without whitespace": (_bad(batch_id="b-big", run_id="a@b." * 11_500), True),  # 60 KB on the queue
+    "ids not a list": (_bad(batch_id="b-true", ids=True), True),
+    "unknown ids": (_bad(batch_id="b-unknown", ids=["in_nobody_1", "in_nobody_2"]), True),
+}
+
+
+async def test_every_bad_message_kind_ends_in_one_dlq_row_at_its_first_delivery_and_nothing_in_poison_poison(
+    quiet: Platform,
+) -> None:
+    p = quiet
+    runtime = await p.runtime()
+    unrelated = await dlq_rows(p)  # a forged reprocess message naming an unrelated row must not resolve it
+    await dlq.put_message(runtime.tables, body=_bad(batch_id="b-victim"), reason_kind="poison", reason="x",
+                          run_id="run-bad", batch_id="b-victim", entity="invoices", verbatim=True)  # fmt: skip
+    await dlq.mark_requeued(runtime.tables, [("message", "b-victim")], "a" * 32)
+    forged = _bad(batch_id="b-victim", source="reprocess", ids=["in_nobody_3"])
+    async with QueueClient.from_connection_string(p.conn, p.queue_name) as raw:
+        for text, encode in [*BAD_MESSAGES.values(), (forged, True)]:
+            await raw.send_message(base64.b64encode(text.encode()).decode() if encode else text)
+    malformed = len(BAD_MESSAGES) - 1  # all but the unknown ids, which are dead-lettered as not_found records
+
+    async def at_least(n: int, reason: str) -> list[dict[str, Any]] | None:
+        rows = await dlq_rows(p, reason=reason)
+        return rows if len(rows) >= n else None
+
+    rows = await eventually(lambda: at_least(malformed, "malformed"), within=90, what="the malformed rows")
+    not_found = await eventually(lambda: at_least(3, "not_found"), within=90, what="the not_found rows")
+    stats = next(listener.stats for listener in p.host.queue_listeners if listener.spec.name == "sync_batch")
+    victim = [r for r in await dlq_rows(p, statuses=()) if r["RowKey"] == "b-victim"]
+    assert len(rows) == malformed
+    assert sorted(r["record_id"] for r in not_found) == ["in_nobody_1", "in_nobody_2", "in_nobody_3"]
+    assert all(r["occurrences"] == 1 for r in [*rows, *not_found])  # one delivery each
+    assert (stats.invocations, stats.failed) == (len(BAD_MESSAGES) + 1, 0)
+    assert [r["status"] for r in victim] == ["requeued"]
+    assert unrelated == []
+    assert "ann@example.com" not in json.dumps(rows)
+    for suffix in ("-poison", "-poison-poison"):
+        async with p.queue(p.queue_name + suffix) as queue:
+            try:
+                left = await queue.peek_messages(max_messages=32)
+            except ResourceNotFoundError:
+                left = []
+            assert left == []
+    async with httpx.AsyncClient(base_url=p.host.http_url or "") as http:  # the host is up and answering
+        key = {"x-functions-key": p.settings["SANDBOX_HOST_FUNCTION_KEY"]}
+        assert (await http.get("/api/health", headers=key, timeout=30)).status_code == 200
 
 
 async def test_a_message_that_always_fails_reaches_the_dlq_through_the_poison_queue_and_reprocess_syncs_it(
