@@ -48,7 +48,36 @@ DEPTH_CAP = 10_000
 
 def _short(text: str, limit: int = MAX_TEXT) -> str:
     """What a DLQ row may hold of outside text: masked, control characters escaped, capped."""
-    return printable(mask(text), limit)
+    return _fits(printable(mask(text), limit))
+
+
+def _body_parts(text: str) -> dict[str, str]:
+    """A verbatim body whole, over as many properties as it needs (`body`, `body_1`, ...): a message may hold 48 KiB,
+    more than one Table property does, and reprocess must send it again exactly. `body_of` joins them."""
+    parts: dict[str, str] = {}
+    while text or not parts:
+        piece = _fits(text)
+        parts["body" if not parts else f"body_{len(parts)}"] = piece
+        text = text[len(piece) :]
+    return parts
+
+
+def body_of(row: dict[str, Any]) -> str:
+    """The message body a row keeps, its parts joined."""
+    text, n = str(row.get("body") or ""), 1
+    while f"body_{n}" in row:
+        text += str(row[f"body_{n}"])
+        n += 1
+    return text
+
+
+def _fits(text: str, units: int = MAX_BODY) -> str:
+    """`text` cut to what a Table string property holds: it counts UTF-16 code units (64 KiB), not characters, and
+    a character outside the BMP (an emoji) takes two."""
+    encoded = text.encode("utf-16-le", "surrogatepass")
+    if len(encoded) <= 2 * units:
+        return text
+    return encoded[: 2 * units].decode("utf-16-le", "ignore")  # a pair cut in half is dropped
 
 
 @dataclass(frozen=True)
@@ -114,7 +143,7 @@ async def put_message(
         "error": _short(last_error or ""),
         "run_id": run_id or "",
         "batch_id": batch_id or "",
-        "body": body[:MAX_BODY] if verbatim else _short(body, MAX_BODY),
+        **(_body_parts(body) if verbatim else {"body": _short(body, MAX_BODY)}),
         "attempts": attempts if attempts is not None else 0,
         "first_failed": first_failed or "",
         "status": "open",
@@ -283,5 +312,6 @@ def public(row: dict[str, Any], *, with_body: bool = False) -> dict[str, Any]:
     out = {k: row[k] for k in keep if k in row and row[k] not in (None, "")}
     out["key"] = f"{row['PartitionKey']}/{from_row_key(str(row['RowKey']))}"
     if with_body:
-        out |= {k: row[k] for k in ("body", "raw_base64") if row.get(k)}
+        out |= {"body": body_of(row)} if row.get("body") else {}
+        out |= {"raw_base64": row["raw_base64"]} if row.get("raw_base64") else {}
     return out

@@ -128,7 +128,7 @@ def _replayed_messages(
     marked: list[tuple[str, str]] = []
     for row in (r for r in rows if r.get("kind") != "record"):
         try:
-            original = messages.parse(str(row.get("body") or ""))
+            original = messages.parse(dlq.body_of(row))
         except MalformedMessage as exc:
             result.skipped.append(f"{row['RowKey']}: cannot be reprocessed ({exc})")
             continue

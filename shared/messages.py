@@ -66,8 +66,9 @@ class SyncMessage(BaseModel):
 
     def body(self) -> str:
         text = self.model_dump_json()
-        if len(text.encode()) > MAX_BYTES:
-            raise ValueError(f"message of {len(self.ids)} ids is {len(text)} bytes, over {MAX_BYTES}")
+        size = len(text.encode())
+        if size > MAX_BYTES:
+            raise ValueError(f"message of {len(self.ids)} ids is {size} bytes, over {MAX_BYTES}")
         return text
 
     def deferred(self) -> SyncMessage:

@@ -135,6 +135,22 @@ async def test_the_poison_handler_keeps_the_message_when_the_batch_ledger_cannot
     assert messages.parse(row["body"]) == msg
 
 
+async def test_a_poisoned_message_larger_than_a_table_property_is_kept_whole_and_reprocessed_whole(
+    runtime: Runtime,
+) -> None:
+    """Before, a verbatim body was cut at 30,000 characters: reprocess could not parse what was left and skipped it."""
+    ids = [f"in_{n:04d}_" + "x" * 80 for n in range(400)]  # 38 KB: within a message, over a Table property
+    msg = messages.build("invoices", ids, run_id="run-big", source="fanout")
+    assert len(msg.body().encode("utf-16-le")) // 2 > dlq.MAX_BODY
+    await poison.handle_poison(runtime, on_queue(msg.body().encode()))
+    (row,) = await dlq.rows(runtime.tables, dlq.Selection(all=True))
+    result = await dlq_api.requeue(runtime, [row])
+    (sent,) = [messages.parse(m.content) async for m in runtime.queue.receive_messages(max_messages=32)]
+    assert "body_1" in row
+    assert result.skipped == []
+    assert sent.ids == msg.ids
+
+
 async def test_dlq_rows_hold_no_raw_control_characters(runtime: Runtime) -> None:
     reason = "name: too long\nINFO forged line\x00 for ann@example.com"
     await dlq.put_records(runtime.tables, [dlq.RecordFailure("customers", "c1", "invalid", reason)], run_id="r",

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import redact, webhook
+from shared import dlq, redact, webhook
 from shared.webhook import WebhookRejected
 
 BODY = json.dumps({"id": "evt_1", "type": "invoice.updated", "data": {"id": "in_1", "version": 3}}).encode()
@@ -81,3 +81,13 @@ def test_no_email_survives_masking_whole(email: str) -> None:
     if set(local[1:]) <= {"*"}:  # "*@x.io" masks to "****@x.io", which holds it: nothing of it was shown
         return
     assert email not in redact.mask(f"owner {email} rejected")
+
+
+@given(st.text(alphabet=st.sampled_from("a\u00e9\u4e2d\U0001f600\x00"), max_size=400), st.integers(1, 300))
+def test_dlq_text_is_cut_to_what_a_table_property_holds_in_utf16_units(text: str, units: int) -> None:
+    """A Table string property holds 64 KiB of UTF-16: 30,000 emoji are 60,000 units, over it, in 30,000 characters
+    (a cap in characters, as before, let them through; Azure refuses such a row, Azurite does not)."""
+    cut = dlq._fits(text, units)
+    assert len(cut.encode("utf-16-le")) <= 2 * units
+    assert text.startswith(cut)
+    assert cut == text or len(cut.encode("utf-16-le")) >= 2 * units - 2
