@@ -99,7 +99,7 @@ async def put_records(tables: StateTables, failures: Sequence[RecordFailure], *,
             "RowKey": row_key(f.record_id),
             "kind": "record",
             "entity": f.entity,
-            "record_id": f.record_id,
+            "record_id": printable(f.record_id, 200),  # a well-formed id as it is
             "reason_kind": f.reason_kind,
             "reason": _short(f.reason),
             "error": _short(json.dumps(f.error, default=str)) if f.error else "",

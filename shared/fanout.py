@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from shared import clock, health, logs, messages, state
+from shared import clock, dlq, health, logs, messages, state
 from shared.billing.listing import ChangeListing, ListingPosition
 from shared.billing.models import Entity
 from shared.errors import CircuitOpenError, ContractError
@@ -81,6 +81,9 @@ async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[Fa
     if failures:
         raise FanoutFailed("fan-out failed for " + "; ".join(failures))
     return results
+
+
+BAD_ID_REASON = "billing listed an id the sync cannot carry: 1 to 100 characters, no control characters"
 
 
 async def _forget_webhook_events(runtime: Runtime) -> None:
@@ -186,6 +189,14 @@ async def _finish(runtime: Runtime, cp: Checkpoint) -> FanoutResult:
 
 
 async def _send(runtime: Runtime, entity: Entity, ids: list[str], run_id: str) -> int:
+    """Messages of the listed ids; an id that breaks the queue contract (a control character, over 100 characters)
+    is dead-lettered as `invalid` here, so that one bad record neither stalls the listing nor poisons a batch."""
+    bad = [i for i in ids if not messages.is_record_id(i)]
+    if bad:
+        failures = [dlq.RecordFailure(entity, i, "invalid", BAD_ID_REASON) for i in bad]
+        await dlq.put_records(runtime.tables, failures, run_id=run_id, batch_id="listing")
+        runtime.metrics.dlq_writes.add(len(bad), {"kind": "record", "reason": "invalid"})
+        ids = [i for i in ids if messages.is_record_id(i)]
     batch = messages.split(entity, ids, size=runtime.settings.batch_size, run_id=run_id, source="fanout")
     gate = asyncio.Semaphore(SEND_CONCURRENCY)
 

@@ -75,6 +75,10 @@ class SyncMessage(BaseModel):
         return self.model_copy(update={"deferrals": self.deferrals + 1})
 
 
+def is_record_id(value: str) -> bool:
+    return re.fullmatch(RECORD_ID_PATTERN, value) is not None  # fullmatch: `$` alone lets a final newline through
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
@@ -163,7 +167,7 @@ def peek_ids(body: bytes | str) -> tuple[str | None, str | None, str | None]:
 
     def key(name: str) -> str | None:
         value = data.get(name)
-        return value if isinstance(value, str) and re.match(KEY_PATTERN, value) else None
+        return value if isinstance(value, str) and re.fullmatch(KEY_PATTERN, value) else None
 
     entity = data.get("entity")
     return key("run_id"), key("batch_id"), entity if entity in ("customers", "invoices") else None

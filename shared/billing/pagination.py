@@ -28,6 +28,9 @@ class Page:
     next_cursor: str | None = None
 
 
+MAX_LISTED_ID = 1000  # what a listing position can hold; the queue contract's 100 is checked by fan-out
+
+
 def parse_page(body: Any, *, entity: str) -> Page:
     """A list answer, strictly: a page without `has_more` or with a broken record is a contract error."""
     if not isinstance(body, dict):
@@ -43,7 +46,13 @@ def parse_page(body: Any, *, entity: str) -> Page:
             raise ContractError(f"billing list {entity}: record {i} of the page has no id")
         if not isinstance(raw.get("updated_at"), str):
             raise ContractError(f"billing list {entity}: record {raw['id']!r} has no updated_at")
-        records.append(Light(id=raw["id"], updated_at=raw["updated_at"], version=raw.get("version")))
+        version = raw.get("version")  # only a hint for the listing: one that is not a whole number is left out
+        version = version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else None
+        if len(raw["id"]) > MAX_LISTED_ID:
+            raise ContractError(
+                f"billing list {entity}: record {i} of the page has an id of {len(raw['id'])} characters"
+            )
+        records.append(Light(id=raw["id"], updated_at=raw["updated_at"], version=version))
     cursor = body.get("next_cursor")
     return Page(tuple(records), body["has_more"], cursor if isinstance(cursor, str) else None)
 

@@ -83,6 +83,8 @@ def test_only_well_formed_ids_are_kept_from_a_broken_message() -> None:
     body = '{"run_id": "ann@example.com", "batch_id": "b/../x", "entity": "orders"}'
     assert messages.peek_ids(body) == (None, None, None)
     assert messages.peek_ids("[" * 10_000) == (None, None, None)
+    assert messages.peek_ids(_message(run_id="run-1\n", batch_id="b\n")) == (None, None, "invoices")  # `$` alone
+    assert not messages.is_record_id("in_1\n")
 
 
 @given(st.text(max_size=200) | st.binary(max_size=200))
