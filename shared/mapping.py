@@ -73,12 +73,21 @@ TRANSFORM_NOTES = {
 
 @dataclass(frozen=True)
 class Column:
+    """One Dataverse column. What reconcile compares is declared here too: `casefold` (the CRM may change the case:
+    emails), `tolerance` (money: how far apart two amounts may be, after both are rounded to the cent), `amount`
+    (a difference is money shown wrong, `amount_over` / `amount_under`, not a plain `field_mismatch`) and `personal`
+    (reports show the value masked)."""
+
     column: str
     source: str | None  # dotted path in the billing record; None for columns billing does not own
     transform: str = "text"
     description: str = ""
     owner: Owner = "billing"
     default: Any = None
+    casefold: bool = False
+    tolerance: Decimal = Decimal(0)
+    amount: bool = False
+    personal: bool = False
 
     def value(self, record: Any) -> Any:
         current = record
@@ -132,15 +141,15 @@ CUSTOMER_MAP = EntityMap(
     key=Column("accountnumber", "id", description="billing customer id (alternate key)"),
     columns=(
         Column("name", "name", description="customer name, at most 160 characters"),
-        Column("emailaddress1", "email", description="billing contact email"),
-        Column("telephone1", "phone", description="billing contact phone"),
-        Column("address1_line1", "address.line1"),
+        Column("emailaddress1", "email", description="billing contact email", casefold=True, personal=True),
+        Column("telephone1", "phone", description="billing contact phone", personal=True),
+        Column("address1_line1", "address.line1", personal=True),
         Column("address1_city", "address.city"),
         Column("address1_postalcode", "address.postal_code"),
         Column("address1_country", "address.country", description="ISO 3166-1 alpha-2"),
         Column("bcs_billingstatus", "status", description="active, suspended or churned"),
-        Column("bcs_currencycode", "currency", description="ISO 4217"),
-        Column("bcs_balance", "balance", "money"),
+        Column("bcs_currencycode", "currency", description="ISO 4217", casefold=True),
+        Column("bcs_balance", "balance", "money", amount=True),
         Column("bcs_mrr", "mrr", "money", description="monthly recurring revenue"),
         Column("bcs_golivedate", "go_live_date", "date"),
         Column("bcs_providercount", "provider_count", "integer"),
@@ -159,15 +168,15 @@ INVOICE_MAP = EntityMap(
     columns=(
         Column("name", "number", description="shown as the invoice's name"),
         Column("bcs_billingstatus", "status", description="draft, open, paid, void or uncollectible"),
-        Column("bcs_currencycode", "currency", description="ISO 4217"),
+        Column("bcs_currencycode", "currency", description="ISO 4217", casefold=True),
         Column("bcs_issuedon", "issued_at", "utc datetime"),
         Column("duedate", "due_at", "date"),
         Column("bcs_paidon", "paid_at", "utc datetime"),
         Column("bcs_subtotal", "subtotal", "money"),
         Column("totaltax", "tax", "money"),
-        Column("totalamount", "total", "money"),
+        Column("totalamount", "total", "money", amount=True),
         Column("bcs_amountpaid", "amount_paid", "money"),
-        Column("bcs_amountdue", "amount_due", "money"),
+        Column("bcs_amountdue", "amount_due", "money", amount=True),
         Column("bcs_sourceversion", "version", "integer"),
         Column("bcs_sourceupdatedon", "updated_at", "utc datetime"),
         Column("description", None, owner="sales"),
@@ -244,6 +253,23 @@ def _json_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
+def _reconcile_rule(column: Column) -> str:
+    """How reconcile compares the column (`shared/reconcile/compare.py`), in the dictionary's words."""
+    if column.owner != "billing" or column.source is None:
+        return "not compared"
+    if column.column in ("bcs_sourceversion", "bcs_sourceupdatedon"):
+        return "tells a stale row"
+    rule = {"money": f"to the cent, ±{column.tolerance}", "utc datetime": "in UTC, to the second", "date": "the day",
+            "integer": "as a whole number"}  # fmt: skip
+    parts = [rule.get(column.transform, "trimmed, null = empty")]
+    parts += (
+        ["case-folded"] * column.casefold
+        + ["amount over/under"] * column.amount
+        + ["masked in reports"] * column.personal
+    )
+    return "; ".join(parts)
+
+
 def render_markdown() -> str:
     """docs/data-dictionary.md, generated from the maps above."""
     out = [
@@ -251,6 +277,7 @@ def render_markdown() -> str:
         "",
         "Generated from `shared/mapping.py` by `python -m sandbox data-dictionary --write`; a test fails when this",
         "file is stale. The sync writes only the columns billing owns; columns sales own are listed so nobody wonders.",
+        "The reconcile column says how reconcile compares each column with billing (`shared/reconcile/compare.py`).",
         "",
     ]
     for m in MAPS:
@@ -260,17 +287,19 @@ def render_markdown() -> str:
             f"Alternate key: `{m.key.column}` ← `{m.key.source}`. "
             + ("Written with `UpsertMultiple`." if m.table.bulk else "Written with `$batch` (no bulk messages)."),
             "",
-            "| Dataverse column | billing field | transform | owner | notes |",
-            "|---|---|---|---|---|",
+            "| Dataverse column | billing field | transform | owner | reconcile | notes |",
+            "|---|---|---|---|---|---|",
         ]
         for c in (m.key, *m.columns):
             source = f"`{c.source}`" if c.source else "—"
             transform = c.transform if c.source else "—"
-            out.append(f"| `{c.column}` | {source} | {transform} | {c.owner} | {c.description} |")
+            out.append(
+                f"| `{c.column}` | {source} | {transform} | {c.owner} | {_reconcile_rule(c)} | {c.description} |"
+            )
         for lookup in m.lookups:
             out.append(
                 f"| `{lookup.navigation}@odata.bind` | `{lookup.source}` | lookup to `{lookup.target.entity_set}` by "
-                f"`{lookup.target_key}` | billing | {lookup.description} |"
+                f"`{lookup.target_key}` | billing | — | {lookup.description} |"
             )
         out.append("")
     out += ["## Transforms", "", "| transform | what the CRM receives |", "|---|---|"]
