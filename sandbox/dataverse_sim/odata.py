@@ -117,18 +117,20 @@ class _Parser:
         return col is not None and col.type in AMOUNT_KINDS
 
     def expr(self, params: list[Any]) -> str:
-        left = self.conj(params)
+        """`a or b or c` as one flat SQL group: nested pairs overflow SQLite's parser past a few hundred terms, and a
+        client reading rows by keys sends that many."""
+        terms = [self.conj(params)]
         while self.peek() == ("name", "or"):
             self.take()
-            left = f"({left} OR {self.conj(params)})"
-        return left
+            terms.append(self.conj(params))
+        return terms[0] if len(terms) == 1 else "(" + " OR ".join(terms) + ")"
 
     def conj(self, params: list[Any]) -> str:
-        left = self.unary(params)
+        terms = [self.unary(params)]
         while self.peek() == ("name", "and"):
             self.take()
-            left = f"({left} AND {self.unary(params)})"
-        return left
+            terms.append(self.unary(params))
+        return terms[0] if len(terms) == 1 else "(" + " AND ".join(terms) + ")"
 
     def unary(self, params: list[Any]) -> str:
         if self.peek() == ("name", "not"):

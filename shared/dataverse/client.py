@@ -23,10 +23,11 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
+from urllib.parse import quote
 
 import httpx
 from more_itertools import chunked
@@ -35,10 +36,14 @@ from shared import jsontext, logs
 from shared.callpolicy import TRANSPORT_ERROR, Breaker, CallPolicy, Hooks, RetryPolicy, Sleep
 from shared.errors import AuthError, FatalError, NotFoundError, SyncError, ThrottledError, TransientError
 from shared.http import PooledClient, classify, error_detail, transport_error
-from shared.odata import record_path
+from shared.odata import literal, record_path
 
 log = logs.get_logger("shared.dataverse")
 SYSTEM = "dataverse"
+# A `$filter` of `or`-joined keys, percent-encoded, stays far below the 32,768 characters Dataverse takes in a URL,
+# and holds at most MAX_FILTER_TERMS conditions.
+MAX_FILTER_CHARS = 8000
+MAX_FILTER_TERMS = 100
 API_PATH = "/api/data/v9.2"
 TOKEN_MARGIN_S = 300.0
 PACE_RECHECK_S = 0.5  # a paced request re-reads its rate at least this often, so a raised rate frees it sooner
@@ -633,6 +638,42 @@ class DataverseClient(PooledClient):
             body = jsontext.loads(response.content)
             yield list(body.get("value") or [])
             url, params = body.get("@odata.nextLink"), {}
+
+    async def read_where(
+        self, table: TableRef, column: str, values: Iterable[Any], *, select: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """The rows whose `column` holds one of `values` (alternate keys, or a lookup's `_x_value` GUIDs): `$filter`s
+        of `or`-joined `eq` terms, as many values a request as fit (MAX_FILTER_CHARS, MAX_FILTER_TERMS), every page
+        followed, the requests `max_concurrency` at a time. Never a GET per record."""
+        filters = filter_chunks(column, values)
+        gate = asyncio.Semaphore(max(1, self.config.max_concurrency))
+
+        async def one(text: str) -> list[dict[str, Any]]:
+            async with gate:
+                return [row async for page in self.read_pages(table, select=select, filter=text) for row in page]
+
+        return [row for rows in await asyncio.gather(*(one(f) for f in filters)) for row in rows]
+
+
+def filter_chunks(
+    column: str, values: Iterable[Any], *, limit: int = MAX_FILTER_CHARS, terms_max: int = MAX_FILTER_TERMS
+) -> list[str]:
+    """`column eq v1 or column eq v2 ...` filters, each at most `limit` characters once percent-encoded as a URL
+    carries it (a non-ASCII key takes up to twelve), every value once, escaped."""
+    out: list[str] = []
+    terms: list[str] = []
+    size = 0
+    for value in dict.fromkeys(values):
+        term = f"{column} eq {literal(value)}"
+        cost = len(quote(term)) + len("%20or%20")
+        if terms and (size + cost > limit or len(terms) >= terms_max):
+            out.append(" or ".join(terms))
+            terms, size = [], 0
+        terms.append(term)
+        size += cost
+    if terms:
+        out.append(" or ".join(terms))
+    return out
 
 
 def _batch_request(table: TableRef, rows: Sequence[UpsertRow]) -> tuple[bytes, dict[str, str]]:

@@ -162,6 +162,17 @@ def test_paging_with_maxpagesize_next_link_count_and_top(dv: RunningDataverse) -
     assert "@odata.nextLink" not in top
 
 
+def test_a_filter_of_hundreds_of_or_terms_is_answered(dv: RunningDataverse) -> None:
+    """Before, `a or b or c ...` became nested SQL pairs and SQLite's parser overflowed (a 500) past about 100."""
+    with client(dv) as http:
+        http.post("accounts/Microsoft.Dynamics.CRM.UpsertMultiple",
+                  json={"Targets": [{"accountnumber": f"OR-{i:03d}", "name": "x"} for i in range(3)]})  # fmt: skip
+        terms = " or ".join(f"accountnumber eq 'OR-{i:03d}'" for i in range(500))
+        response = http.get(f"accounts?$filter=({terms}) and name eq 'x'&$select=accountnumber")
+    assert response.status_code == 200
+    assert sorted(r["accountnumber"] for r in response.json()["value"]) == ["OR-000", "OR-001", "OR-002"]
+
+
 def test_filter_errors_are_400_with_the_reason(dv: RunningDataverse) -> None:
     with client(dv) as http:
         response = http.get("accounts?$filter=nosuch eq 1")
