@@ -7,6 +7,7 @@ import azure.functions as func
 
 from shared import dlq_api, fanout, health, poison, webhook, worker
 from shared.observability import configure_telemetry
+from shared.reconcile import api as reconcile_api
 from shared.runtime import get_runtime
 from shared.settings import load_settings
 
@@ -29,6 +30,21 @@ async def sync_batch(msg: func.QueueMessage) -> None:
 @app.queue_trigger(arg_name="msg", queue_name="%SYNC_QUEUE%-poison", connection="AzureWebJobsStorage")
 async def poison_to_dlq(msg: func.QueueMessage) -> None:
     await poison.handle_poison(await get_runtime(SETTINGS), msg.get_body(), dequeue_count=msg.dequeue_count or 1)
+
+
+@app.timer_trigger(schedule="%RECONCILE_SCHEDULE%", arg_name="timer", use_monitor=True)
+async def reconcile(timer: func.TimerRequest) -> None:
+    await reconcile_api.on_timer(await get_runtime(SETTINGS))
+
+
+@app.route(route="reconcile", methods=["POST"])
+async def reconcile_start(req: func.HttpRequest) -> func.HttpResponse:
+    return await reconcile_api.begin(await get_runtime(SETTINGS), req)
+
+
+@app.route(route="reconcile/latest", methods=["GET"])
+async def reconcile_latest(req: func.HttpRequest) -> func.HttpResponse:
+    return await reconcile_api.latest(await get_runtime(SETTINGS), req)
 
 
 @app.route(route="dlq", methods=["GET"])

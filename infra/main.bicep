@@ -65,6 +65,9 @@ param billingRateLimitRps string = '10'
 @description('Fan-out schedule, NCRONTAB with seconds first.')
 param syncSchedule string = '0 */5 * * * *'
 
+@description('Reconcile schedule (the CRM compared with billing, the healable healed), NCRONTAB with seconds first.')
+param reconcileSchedule string = '0 0 2 * * *'
+
 @description('Minutes between fan-out ticks, for the missed-run, breaker and lag alerts; 0: derived from syncSchedule (every N minutes "S */N * * * *", every minute, hourly "S M * * * *", every H hours "S M */H * * *").')
 @minValue(0)
 param scheduleIntervalMinutes int = 0
@@ -199,6 +202,7 @@ var clientSecretSettings = {
 }
 var syncBaseSettings = {
   SYNC_SCHEDULE: syncSchedule
+  RECONCILE_SCHEDULE: reconcileSchedule
   SYNC_QUEUE: queueName
   SYNC_ENTITIES: syncEntities
   BILLING_BASE_URL: checkedBillingUrl

@@ -18,3 +18,4 @@ param dataverseClientSecret = readEnvironmentVariable('DATAVERSE_CLIENT_SECRET',
 param teamsWebhookUrl = readEnvironmentVariable('TEAMS_WEBHOOK_URL', '')
 param syncEntities = readEnvironmentVariable('SYNC_ENTITIES', 'customers,invoices')
 param syncSchedule = readEnvironmentVariable('SYNC_SCHEDULE', '0 */5 * * * *')
+param reconcileSchedule = readEnvironmentVariable('RECONCILE_SCHEDULE', '0 0 2 * * *')

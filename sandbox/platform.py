@@ -182,6 +182,7 @@ def app_settings(
         "AzureWebJobsFeatureFlags": "EnableWorkerIndexing",
         "AzureWebJobsStorage": conn,
         "SYNC_SCHEDULE": options.schedule,
+        "RECONCILE_SCHEDULE": NEVER,  # the demo and the tests start reconcile runs themselves
         "SYNC_QUEUE": f"billing-sync-{prefix[1:]}",
         "SYNC_TABLE_PREFIX": prefix,
         "BILLING_BASE_URL": billing.url,

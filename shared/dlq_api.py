@@ -104,14 +104,15 @@ async def requeue(runtime: Runtime, rows: list[dict[str, Any]]) -> ReprocessResu
     result = ReprocessResult()
     again, marked = _replayed_messages(rows, token, result)
     run_id = f"reprocess-{clock.utcnow():%Y%m%dT%H%M%S}"
-    by_entity: dict[str, list[dict[str, Any]]] = {}
+    by_entity: dict[tuple[str, bool], list[dict[str, Any]]] = {}
     for row in rows:
-        if row.get("kind") == "record":
-            by_entity.setdefault(str(row["entity"]), []).append(row)
-    for entity, entity_rows in by_entity.items():
+        if row.get("kind") == "record":  # a persistent mismatch is written forced: its hash says it is in step
+            by_entity.setdefault((str(row["entity"]), row.get("reason_kind") == "persistent_mismatch"), []).append(row)
+    for (entity, force), entity_rows in by_entity.items():
         ids = [str(r["record_id"]) for r in entity_rows]
-        split = messages.split(entity, ids, size=runtime.settings.batch_size, run_id=run_id, source="reprocess")  # type: ignore[arg-type]
-        again += [m.model_copy(update={"dlq_token": token}) for m in split]
+        split = messages.split(entity, ids, size=runtime.settings.batch_size, run_id=run_id, source="reprocess",  # type: ignore[arg-type]
+                               force=force, dlq_token=token)  # fmt: skip
+        again += split
         marked += [(str(r["PartitionKey"]), str(r["RowKey"])) for r in entity_rows]
         result.records += len(ids)
     await dlq.mark_requeued(runtime.tables, marked, token)

@@ -2,7 +2,7 @@
 
 ```json
 {"v": 1, "run_id": "...", "batch_id": "...", "entity": "invoices", "ids": ["in_1", "in_2"],
- "source": "fanout", "deferrals": 0, "force": false, "dlq_token": null}
+ "source": "fanout", "deferrals": 0, "force": false, "dlq_token": null, "kind": "sync", "dry_run": false}
 ```
 
 A message that does not parse is `MalformedMessage`: it goes to the DLQ at once with the reason, since no number
@@ -33,7 +33,8 @@ RECORD_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,100}$"
 # token may mark that row resolved (`dlq.resolve`).
 TOKEN_PATTERN = r"^[0-9a-f]{32}$"  # noqa: S105 - the shape of a token, not one
 Entity = Literal["customers", "invoices"]
-Source = Literal["fanout", "webhook", "reprocess", "repair"]
+Source = Literal["fanout", "webhook", "reprocess", "repair", "reconcile"]
+Kind = Literal["sync", "reconcile", "orphans"]
 
 
 class MalformedMessage(ValueError):
@@ -63,6 +64,8 @@ class SyncMessage(BaseModel):
     deferrals: Annotated[int, Field(ge=0)] = 0
     force: bool = False  # write even when the stored hash matches (repairs after a concurrent write)
     dlq_token: Annotated[str, Field(pattern=TOKEN_PATTERN)] | None = None  # set by reprocess only
+    kind: Kind = "sync"  # reconcile: compare with the CRM (shared.reconcile); orphans: CRM keys billing may lack
+    dry_run: bool = False
 
     def body(self) -> str:
         text = self.model_dump_json()
@@ -91,6 +94,9 @@ def build(
     source: Source,
     batch_id: str | None = None,
     force: bool = False,
+    kind: Kind = "sync",
+    dry_run: bool = False,
+    dlq_token: str | None = None,
 ) -> SyncMessage:
     return SyncMessage(
         v=1,
@@ -100,14 +106,20 @@ def build(
         ids=tuple(ids),
         source=source,
         force=force,
+        kind=kind,
+        dry_run=dry_run,
+        dlq_token=dlq_token,
     )
 
 
-def split(entity: Entity, ids: list[str], *, size: int, run_id: str, source: Source) -> list[SyncMessage]:
-    """Messages of at most `size` ids each (and never more than MAX_IDS), order kept, duplicates removed."""
+def split(
+    entity: Entity, ids: list[str], *, size: int, run_id: str, source: Source, **options: Any
+) -> list[SyncMessage]:
+    """Messages of at most `size` ids each (and never more than MAX_IDS), order kept, duplicates removed; `options`
+    are `build`'s (`force`, `kind`, `dry_run`, `dlq_token`)."""
     unique = list(dict.fromkeys(ids))
     step = max(1, min(size, MAX_IDS))
-    return [build(entity, list(part), run_id=run_id, source=source) for part in chunked(unique, step)]
+    return [build(entity, list(part), run_id=run_id, source=source, **options) for part in chunked(unique, step)]
 
 
 def readable(content: bytes) -> bytes:

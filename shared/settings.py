@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     max_deferrals: Annotated[int, Field(ge=1, le=10_000, validation_alias=_env("SYNC_MAX_DEFERRALS"))] = 288
     entities: Annotated[str, Field(validation_alias=_env("SYNC_ENTITIES"))] = "customers,invoices"
 
+    # ---- reconcile ----
+    reconcile_schedule: Annotated[str, Field(validation_alias=_env("RECONCILE_SCHEDULE"))] = "0 0 2 * * *"
+    reconcile_max_repairs: Annotated[
+        int, Field(ge=0, le=10_000_000, validation_alias=_env("RECONCILE_MAX_REPAIRS"))
+    ] = 10_000
+    reconcile_max_attempts: Annotated[int, Field(ge=1, le=100, validation_alias=_env("RECONCILE_MAX_ATTEMPTS"))] = 3
+
     # ---- telemetry ----
     appinsights_connection: Annotated[
         SecretStr | None, Field(validation_alias=_env("APPLICATIONINSIGHTS_CONNECTION_STRING"))

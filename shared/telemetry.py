@@ -66,7 +66,9 @@ API_REQUESTS: Final = "sync_api_requests"
 THROTTLED: Final = "sync_throttled"
 DLQ_WRITES: Final = "sync_dlq_writes"
 # Why a row is in the DLQ (its `reason_kind`); docs/operations.md says what an operator does with each.
-DLQ_REASONS: Final = ("invalid", "rejected", "dependency", "not_found", "malformed", "poison", "deferred_too_long")
+DLQ_REASONS: Final = (
+    "invalid", "rejected", "dependency", "not_found", "persistent_mismatch", "malformed", "poison", "deferred_too_long",
+)  # fmt: skip
 DLQ_DEPTH: Final = "sync_dlq_depth"
 POISON: Final = "sync_poison_messages"
 BREAKER_STATE: Final = "sync_breaker_state"

@@ -29,6 +29,7 @@ from shared import dlq, ledger, logs, messages, plan, state
 from shared.billing.models import Customer, Invoice
 from shared.errors import CircuitOpenError, InvalidRecord, TransientError
 from shared.messages import MalformedMessage, SyncMessage
+from shared.reconcile import batch as reconcile_batch
 from shared.runtime import Runtime
 from shared.writes import write_records
 
@@ -69,7 +70,7 @@ async def handle(runtime: Runtime, content: bytes, *, dequeue_count: int = 1) ->
         "batch %s of run %s: %d %s (delivery %d)", msg.batch_id, msg.run_id, len(msg.ids), msg.entity, dequeue_count
     )
     try:
-        result = await _sync(runtime, msg)
+        result = await (_sync(runtime, msg) if msg.kind == "sync" else _reconcile(runtime, msg))
     except CircuitOpenError as exc:
         result = await _defer(runtime, msg, exc)
     except Exception as exc:
@@ -144,6 +145,15 @@ async def _defer(runtime: Runtime, msg: SyncMessage, exc: CircuitOpenError) -> B
 
 
 # ---- the sync of one message ----
+
+
+async def _reconcile(runtime: Runtime, msg: SyncMessage) -> BatchResult:
+    """A reconcile or orphans message (`shared.reconcile`): compared, recorded, healed through the sync; no CRM write
+    here."""
+    found = await reconcile_batch.handle(runtime, msg)
+    log.info("reconcile batch %s of run %s: %d %s compared, %d differ", msg.batch_id, msg.run_id, found.compared,
+             msg.entity, found.mismatched)  # fmt: skip
+    return BatchResult(msg.entity)
 
 
 async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:

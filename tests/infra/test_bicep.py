@@ -132,6 +132,7 @@ def test_the_settings_the_deployment_gives_the_app_pass_its_start_up_validation(
         "IngestionEndpoint=https://westeurope-5.in.applicationinsights.azure.com/",
         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": f"ClientId={client};Authorization=AAD",
         "SYNC_SCHEDULE": "0 */5 * * * *",
+        "RECONCILE_SCHEDULE": "0 0 2 * * *",
         "SYNC_QUEUE": "billing-sync",
         "SYNC_ENTITIES": "customers,invoices",
         "BILLING_BASE_URL": "https://api.billing.example.com",
