@@ -64,8 +64,26 @@ class ServiceProtection(_Strict):
     concurrent: int = Field(default=52, ge=1)
 
 
+class RevertingPlugin(_Strict):
+    """A synchronous plugin on update of `table` that puts `column` back to what it was before the write, as a
+    misbehaving customisation in a real CRM would: what the sync writes there never stays."""
+
+    table: str
+    column: str
+
+    @model_validator(mode="after")
+    def _exists(self) -> RevertingPlugin:
+        from sandbox.dataverse_sim.schema import TABLES  # noqa: PLC0415 - only a profile with a plugin needs it
+
+        table = TABLES.get(self.table)
+        if table is None or self.column not in table.by_name or self.column == table.primary_id:
+            raise ValueError(f"{self.table}.{self.column} is not a column the plugin can put back")
+        return self
+
+
 class DataverseFaults(_Strict):
     service_protection: ServiceProtection | None = None
+    reverting_plugin: RevertingPlugin | None = None
     ms_per_record: float = Field(default=0.0, ge=0)
     error_rate: float = Rate
     latency_ms: LatencyMs | None = None

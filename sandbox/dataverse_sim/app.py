@@ -75,6 +75,9 @@ class DataverseSimulator:
     ) -> None:
         self.store = store
         self.faults = faults or DataverseFaults()
+        if self.faults.reverting_plugin is not None:
+            plugin = self.faults.reverting_plugin
+            store.reverted.setdefault(plugin.table, set()).add(plugin.column)
         self.client_secret = client_secret
         self._signing_key = hashlib.sha256(f"dataverse-sim:{client_secret}:{seed}".encode()).digest()
         self.rng = random.Random(f"{seed}:dataverse-faults")

@@ -65,6 +65,7 @@ class DataverseStore:
         self._db.row_factory = sqlite3.Row
         self._version = 1000
         self._savepoint = 0
+        self.reverted: dict[str, set[str]] = {}  # table -> columns a plugin puts back on update (a fault profile's)
         for table in TABLES.values():
             cols = ", ".join(
                 f'"{c.name}" {_SQL_TYPES[c.type]}' + (" PRIMARY KEY" if c.name == table.primary_id else "")
@@ -239,6 +240,7 @@ class DataverseStore:
                 )  # fmt: skip
             row = dict(existing)
             row.update(values)
+            row.update({c: existing[c] for c in self.reverted.get(table.logical_name, ())})  # the plugin
             row.update(modifiedon=_now(), versionnumber=self._next_version())
             self._check_required(table, row)
             assignments = ", ".join(f'"{c}" = :{c}' for c in row if c != table.primary_id)

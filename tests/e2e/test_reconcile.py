@@ -4,6 +4,7 @@ an operator would, and what it finds, heals and reports is read back."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from sandbox.azurite import Azurite
 from sandbox.dataverse_sim.schema import TABLES
 from sandbox.dataverse_sim.store import decoded
-from sandbox.faults import BillingFaults, FaultProfile
+from sandbox.faults import BillingFaults, DataverseFaults, FaultProfile, RevertingPlugin
 from sandbox.platform import Platform, PlatformOptions, platform
 from shared import dlq, state
 from shared.reconcile.findings import MISMATCHES
@@ -148,3 +149,32 @@ async def test_a_dry_run_reports_and_writes_nothing_to_the_crm_or_the_queue(sync
     runtime = await p.runtime()
     assert not [b async for b in state.run_batches(runtime.tables, f"heal-{summary['run_id']}")]
     assert crm_writes(p) == writes_before
+
+
+class PhoneChange(random.Random):
+    """The billing simulator's users, changing a customer's phone number and nothing else."""
+
+    def choice(self, seq: Any) -> Any:
+        return "phone" if "phone" in seq else super().choice(seq)
+
+
+async def test_a_column_a_crm_plugin_keeps_reverting_ends_in_one_persistent_mismatch_not_a_loop(
+    azurite: Azurite,
+) -> None:
+    plugin = DataverseFaults(reverting_plugin=RevertingPlugin(table="account", column="telephone1"))
+    options = PlatformOptions(azurite_conn=azurite.connection_string, records=40, seed=3, webhooks=False,
+                              profile=FaultProfile(dataverse=plugin), visibility_timeout_s=0.5,
+                              settings={"RECONCILE_MAX_ATTEMPTS": "2"})  # fmt: skip
+    async with platform(options) as p:
+        await p.sync_until_complete(timeout_s=300, settle=True)
+        customer = p.billing.store.all_ids("customers")[0]
+        p.billing.store.mutate("customers", [customer], PhoneChange(1))
+        await p.sync_until_complete(timeout_s=300, settle=True)  # written, then put back by the plugin
+        runs = [await run(p, {"entity": "customers"}) for _ in range(3)]
+        runtime = await p.runtime()
+        rows = [r for r in await dlq.rows(runtime.tables, dlq.Selection(all=True), limit=1000)
+                if r["record_id"] == customer]  # fmt: skip
+    assert [r["entities"]["customers"]["healed"] for r in runs] == [1, 0, 0]
+    assert [r["entities"]["customers"]["persistent"] for r in runs] == [0, 1, 1]
+    assert [(r["reason_kind"], r["occurrences"]) for r in rows] == [("persistent_mismatch", 2)]
+    assert "telephone1" in rows[0]["reason"]
