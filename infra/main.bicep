@@ -106,6 +106,11 @@ param lagMinutes int = 60
 @description('Refused billing webhooks (bad signature, stale, malformed) in 15 minutes before the alert fires.')
 @minValue(0)
 param webhookRejectionsThreshold int = 10
+@description('Reconcile drift (records that differ / records compared, newest complete run, per entity) above which the drift alert fires; a decimal with a dot.')
+param reconcileDriftRatio string = '0.01'
+@description('Differences reconcile finds that were not open before, in a day, above which the alert fires.')
+@minValue(0)
+param reconcileNewMismatchesThreshold int = 25
 
 @description('Now; secrets expire a year later (leave the default).')
 param deployedAt string = utcNow()
@@ -259,6 +264,8 @@ module alerts 'app/alerts.bicep' = {
     exceptionBurstThreshold: exceptionBurstThreshold
     lagMinutes: lagMinutes
     webhookRejectionsThreshold: webhookRejectionsThreshold
+    reconcileDriftRatio: reconcileDriftRatio
+    reconcileNewMismatchesThreshold: reconcileNewMismatchesThreshold
     keyVaultId: vault.outputs.id
     keyVaultLocation: location
   }

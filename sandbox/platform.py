@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue.aio import QueueClient
 
@@ -163,6 +164,28 @@ class Platform:
         if settle:
             await self.wait_idle(timeout_s=max(30.0, deadline - time.monotonic()))
         return run_ids
+
+    async def reconcile(self, body: dict[str, Any], *, timeout_s: float = 600) -> dict[str, Any]:
+        """Start a reconcile run over HTTP as an operator would (`POST /api/reconcile`), wait until its batches and
+        the syncs it sent are done, and return `GET /api/reconcile/latest`; health is asked once more, as a fan-out
+        tick would, so the drift gauge holds the run."""
+        headers = {"x-functions-key": self.settings["SANDBOX_HOST_FUNCTION_KEY"]}
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(base_url=self.host.http_url or "", headers=headers, timeout=120) as http:
+            started = await http.post("/api/reconcile", json=body)
+            if started.status_code != 202:
+                raise RuntimeError(f"reconcile refused: {started.status_code} {started.text[:300]}")
+            run_id = started.json()["run_id"]
+            while True:
+                latest = (await http.get("/api/reconcile/latest")).json()
+                if latest.get("run_id") == run_id and latest.get("complete"):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reconcile run {run_id} did not finish in {timeout_s:.0f} s")
+                await asyncio.sleep(0.3)
+            await self.wait_idle(timeout_s=max(30.0, deadline - time.monotonic()))
+            await http.get("/api/health")
+        return dict(latest)
 
 
 def _settings_of(host: LocalHost) -> Any:

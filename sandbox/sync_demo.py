@@ -6,7 +6,11 @@
    contacts, old prices, missing lines, a line billing has since removed, and notes that sales wrote;
 3. runs a full sync (fan-out ticks until the listing is complete, then the queue drains);
 4. changes 1 % of the records in billing, stops the background changes, and runs an incremental sync;
-5. checks the CRM against billing record by record (`sandbox.crm_check`) and exits 0 only if they agree.
+5. edits the CRM by hand (an amount raised, an email changed, a line deleted) and runs production reconcile
+   through the app twice (`sandbox.reconcile_demo`): the first run finds each edit by name and heals it, the
+   second finds them gone;
+6. checks the CRM against billing record by record (`sandbox.crm_check`, the independent check) and exits 0 only
+   if they agree and reconcile found and healed every edit.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from sandbox.crm_check import CheckReport, CrmCheck
 from sandbox.dataverse_sim.schema import TABLES
 from sandbox.metrics_file import CustomMetricsFileExporter
 from sandbox.platform import Platform, PlatformOptions, platform
+from sandbox.reconcile_demo import ReconcileDemo, reconcile_phase
 from shared import dlq, state
 from shared.billing.models import Customer, Invoice, parse_record
 from shared.mapping import customer_row, invoice_rows
@@ -107,6 +112,7 @@ class DemoSummary:
     check: CheckReport
     seconds: float
     metrics: dict[str, int]
+    reconcile: ReconcileDemo | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -139,6 +145,7 @@ class DemoSummary:
                 "differences": self.check.differences[:50],
             },
             "metrics": self.metrics,
+            "reconcile": self.reconcile.as_json() if self.reconcile else None,
         }
 
 
@@ -289,6 +296,7 @@ async def run_sync_demo(
         p.billing.simulator.mutations_paused = True
         console.print(f"changed {changed + max(1, changed // 4):,} records in billing; background changes paused")
         incremental = await _phase(p, "incremental sync", console, reader, settle=True)
+        reconciled = await reconcile_phase(p, console)
         runtime = await get_runtime(p.host.functions[0].callable.__globals__["SETTINGS"])
         open_rows = await dlq.rows(runtime.tables, dlq.Selection(all=True), limit=1_000_000)
         dlq_open = {(str(r.get("entity")), str(r.get("record_id"))): str(r.get("reason_kind")) for r in open_rows}
@@ -314,6 +322,7 @@ async def run_sync_demo(
             metrics={
                 name: int(sum(values.values())) for name, values in points.items() if name != "sync_batch_duration_ms"
             },
+            reconcile=reconciled,
         )
         _print(summary, console)
         if metrics_file is not None:
@@ -324,7 +333,7 @@ async def run_sync_demo(
         if keep:
             _print_keep(p, console)
             await asyncio.Event().wait()
-    return check.ok, summary
+    return check.ok and reconciled.ok, summary
 
 
 def _print(s: DemoSummary, console: Console) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import azure.functions as func
 
 from shared import __version__, clock, dlq, inputs, state
+from shared.reconcile import start as reconcile_start
 from shared.responses import json_response
 from shared.runtime import Runtime
 from shared.telemetry import BREAKER_VALUES
@@ -33,6 +34,7 @@ async def observe(runtime: Runtime) -> Observed:
         runtime.metrics.breaker_open.set(round(current.open_seconds(breaker.clock())), {"system": breaker.system})
     depth = await dlq.depth(runtime.tables)
     runtime.metrics.dlq_depth.set(depth)
+    await _drift(runtime)
     entities: dict[str, dict[str, Any]] = {}
     for entity in runtime.settings.entity_list:
         cp = await state.read_checkpoint(runtime.tables, entity)
@@ -47,6 +49,13 @@ async def observe(runtime: Runtime) -> Observed:
             "listing": _listing(cp),
         }
     return Observed(entities, breakers, depth)
+
+
+async def _drift(runtime: Runtime) -> None:
+    """The drift score of the newest complete reconcile run, per entity (a dry run's counts too: it compared)."""
+    latest = await reconcile_start.summary(runtime, complete_only=True)
+    for entity, counts in (latest or {}).get("entities", {}).items():
+        runtime.metrics.drift.set(float(counts["drift"]), {"entity": entity})
 
 
 def _listing(cp: state.Checkpoint) -> dict[str, Any] | None:

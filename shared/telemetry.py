@@ -70,6 +70,13 @@ DLQ_REASONS: Final = (
     "invalid", "rejected", "dependency", "not_found", "persistent_mismatch", "malformed", "poison", "deferred_too_long",
 )  # fmt: skip
 DLQ_DEPTH: Final = "sync_dlq_depth"
+MISMATCHES: Final = "sync_mismatches"
+DRIFT: Final = "sync_drift_ratio"
+# reconcile's categories (shared/reconcile/compare.py, which a test holds to this list)
+MISMATCH_CATEGORIES: Final = (
+    "missing_in_crm", "duplicate_in_crm", "stale", "amount_over", "amount_under", "field_mismatch", "lines_missing",
+    "lines_extra", "orphan_in_crm", "invalid_in_billing",
+)  # fmt: skip
 POISON: Final = "sync_poison_messages"
 BREAKER_STATE: Final = "sync_breaker_state"
 BREAKER_OPEN: Final = "sync_breaker_open_seconds"
@@ -108,6 +115,10 @@ SPECS: Final = (
                {"entity": ENTITIES, "outcome": RUN_OUTCOMES}),
     MetricSpec(LISTED, "counter", "{record}", "ids put on the queue by fan-out", {"entity": ENTITIES}),
     MetricSpec(WEBHOOKS, "counter", "{event}", "billing webhook events by outcome", {"outcome": WEBHOOK_OUTCOMES}),
+    MetricSpec(MISMATCHES, "counter", "{record}", "differences reconcile found that were not open before (new, or back "
+               "after being resolved), by category", {"entity": ENTITIES, "category": MISMATCH_CATEGORIES}),
+    MetricSpec(DRIFT, "gauge", "1", "records that differ / records compared in the newest complete reconcile run "
+               "(measured by every fan-out tick and health call)", {"entity": ENTITIES}),
 )  # fmt: skip
 ALL_METRICS: Final = tuple(s.name for s in SPECS)
 SPEC_BY_NAME: Final = {s.name: s for s in SPECS}
@@ -181,6 +192,8 @@ class Instruments:
     runs: metrics.Counter
     listed: metrics.Counter
     webhooks: metrics.Counter
+    mismatches: metrics.Counter
+    drift: FreshGauge
 
 
 def instruments(
@@ -215,4 +228,6 @@ def instruments(
         runs=counter(RUNS),
         listed=counter(LISTED),
         webhooks=counter(WEBHOOKS),
+        mismatches=counter(MISMATCHES),
+        drift=gauge(DRIFT),
     )

@@ -40,6 +40,10 @@ param exceptionBurstThreshold int
 param lagMinutes int
 @description('Alert when billing webhooks are refused (bad signature, stale, malformed) more often than this in 15 minutes.')
 param webhookRejectionsThreshold int
+@description('Alert when the newest complete reconcile run found more than this share of an entity\'s records differing (a decimal with a dot).')
+param reconcileDriftRatio string
+@description('Alert when reconcile finds more new differences than this in a day.')
+param reconcileNewMismatchesThreshold int
 @description('The Key Vault whose secrets (billing API key, webhook secret, Dataverse client secret) are watched for expiry.')
 param keyVaultId string
 @description('Region of that Key Vault (its Event Grid system topic lives beside it).')
@@ -171,6 +175,26 @@ var rules = [
     measure: 'refused'
     operator: 'GreaterThan'
     threshold: webhookRejectionsThreshold
+  }
+  {
+    name: 'reconcile-drift'
+    display: 'billing sync: the CRM drifted from billing (more than ${reconcileDriftRatio} of an entity\'s records differ)'
+    severity: 2
+    window: 'PT${readingWindow}M'
+    query: format('customMetrics | where name == "sync_drift_ratio" | summarize arg_max(timestamp, value) by entity = tostring(customDimensions.entity) | where value > todouble("{0}")', reconcileDriftRatio)
+    measure: ''
+    operator: 'GreaterThan'
+    threshold: 0
+  }
+  {
+    name: 'reconcile-new-mismatches'
+    display: 'billing sync: reconcile found more than ${reconcileNewMismatchesThreshold} new differences in a day'
+    severity: 2
+    window: 'PT1440M'
+    query: 'customMetrics | where name == "sync_mismatches" | summarize found = sum(valueSum)'
+    measure: 'found'
+    operator: 'GreaterThan'
+    threshold: reconcileNewMismatchesThreshold
   }
   {
     name: 'exceptions'

@@ -1,4 +1,5 @@
-// "Billing sync health": records by outcome, failure rate, batch latency, DLQ depth, breaker states, lag.
+// "Billing sync health": records by outcome, failure rate, batch latency, DLQ depth, breaker states, lag, API
+// requests, and reconcile: drift per entity and new differences by category.
 param name string
 param location string
 param tags object
@@ -38,6 +39,16 @@ var tiles = [
   {
     title: 'API requests by status'
     query: 'customMetrics | where name == "sync_api_requests" | summarize requests = sum(valueSum) by system = tostring(customDimensions.system), status = tostring(customDimensions.status) | order by requests desc'
+    visualization: 'table'
+  }
+  {
+    title: 'Reconcile drift (records that differ / compared)'
+    query: 'customMetrics | where name == "sync_drift_ratio" | summarize drift = max(value) by entity = tostring(customDimensions.entity), bin(timestamp, 1h) | render timechart'
+    visualization: 'timechart'
+  }
+  {
+    title: 'New differences reconcile found, by category'
+    query: 'customMetrics | where name == "sync_mismatches" | summarize found = sum(valueSum) by category = tostring(customDimensions.category), entity = tostring(customDimensions.entity) | order by found desc'
     visualization: 'table'
   }
 ]

@@ -108,7 +108,10 @@ async def _each_record(
                 result.resolved += await _resolve(table, msg.entity, record_id, row)
             continue
         attempts = await _record(table, msg, record_id, mine, row, in_dlq=known.get(record_id, ""))
-        result.new += row is None or bool(row.get("resolved_at"))
+        if row is None or row.get("resolved_at"):
+            result.new += 1
+            for category in {m.category for m in mine}:
+                runtime.metrics.mismatches.add(1, {"entity": msg.entity, "category": category})
         if any(m.healable for m in mine) and record_id not in known:
             if attempts >= runtime.settings.reconcile_max_attempts:
                 persistent.append(_persistent(msg.entity, record_id, mine, attempts))

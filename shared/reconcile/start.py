@@ -23,12 +23,14 @@ from shared import clock, logs, messages, state
 from shared.billing.listing import ChangeListing, ListingPosition
 from shared.mapping import CUSTOMER_MAP
 from shared.messages import Entity
+from shared.odata import literal
 from shared.reconcile.compare import CATEGORIES
 from shared.reconcile.findings import RUNS
 from shared.runtime import Runtime
 
 log = logs.get_logger("shared.reconcile")
 MAX_IDS = 10_000
+LOOK_BACK = 5  # runs `summary(complete_only=True)` looks through
 
 
 def _listed(value: Any) -> Any:
@@ -118,20 +120,27 @@ async def _run_row(runtime: Runtime, run: Started, **values: Any) -> None:
     await table.upsert_entity(row, mode=UpdateMode.MERGE)
 
 
-async def summary(runtime: Runtime, run_id: str | None = None) -> dict[str, Any] | None:
-    """A run (the newest without `run_id`) as `GET /api/reconcile/latest` shows it: its row, and its batches
-    summed by entity and category, with the drift score (records that differ / records compared) per entity."""
+async def summary(runtime: Runtime, run_id: str | None = None, *, complete_only: bool = False) -> dict[str, Any] | None:
+    """A run (the newest without `run_id`; with `complete_only`, the newest whose batches have all ended, among the
+    last few) as `GET /api/reconcile/latest` shows it: its row, and its batches summed by entity and category, with
+    the drift score (records that differ / records compared) per entity."""
     table = await runtime.tables.table(RUNS)
-    query = "PartitionKey eq 'run'" + (f" and RowKey eq '{state.row_key(run_id)}'" if run_id else "")
-    run = None
-    async for row in table.query_entities(query, results_per_page=1):
-        run = dict(row)
-        break
-    if run is None:
-        return None
+    query = "PartitionKey eq 'run'" + (f" and RowKey eq {literal(state.row_key(run_id))}" if run_id else "")
+    looked = 0
+    async for row in table.query_entities(query, results_per_page=LOOK_BACK):
+        shaped = await _summed(table, dict(row))
+        if not complete_only or shaped["complete"]:
+            return shaped
+        looked += 1
+        if looked >= LOOK_BACK:
+            break
+    return None
+
+
+async def _summed(table: Any, run: dict[str, Any]) -> dict[str, Any]:
     totals: dict[str, Counter[str]] = {}
     batches = 0
-    async for row in table.query_entities(f"PartitionKey eq '{run['RowKey']}'"):
+    async for row in table.query_entities(f"PartitionKey eq {literal(run['RowKey'])}"):
         batches += 1
         counts = totals.setdefault(str(row.get("entity")), Counter())
         for name in ("compared", "mismatched", "new", "resolved", "healed", "persistent", "crm_requests"):

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import pytest
 
 from sandbox.azurite import Azurite
@@ -19,7 +18,6 @@ from sandbox.faults import BillingFaults, DataverseFaults, FaultProfile, Reverti
 from sandbox.platform import Platform, PlatformOptions, platform
 from shared import dlq, state
 from shared.reconcile.findings import MISMATCHES
-from tests.polling import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 INVOICE, ACCOUNT, LINE = TABLES["invoice"], TABLES["account"], TABLES["invoicedetail"]
@@ -36,20 +34,8 @@ async def synced(azurite: Azurite) -> AsyncIterator[Platform]:
 
 
 async def run(p: Platform, body: dict[str, Any]) -> dict[str, Any]:
-    """Start a run over HTTP, wait until its batches (and the syncs it sent) are done; the latest run's summary."""
-    headers = {"x-functions-key": p.settings["SANDBOX_HOST_FUNCTION_KEY"]}
-    async with httpx.AsyncClient(base_url=p.host.http_url or "", headers=headers, timeout=120) as http:
-        started = await http.post("/api/reconcile", json=body)
-        assert started.status_code == 202, started.text
-        run_id = started.json()["run_id"]
-
-        async def done() -> dict[str, Any] | None:
-            latest = (await http.get("/api/reconcile/latest")).json()
-            return latest if latest["run_id"] == run_id and latest["complete"] else None
-
-        summary = await eventually(done, within=180, what="the reconcile run")
-        await p.wait_idle(timeout_s=300)
-        return dict(summary)
+    """A run started over HTTP, waited for (its batches and the syncs it sent); its summary."""
+    return await p.reconcile(body, timeout_s=300)
 
 
 async def open_findings(p: Platform) -> dict[tuple[str, str], set[str]]:

@@ -22,7 +22,8 @@ MAIN = Template.load(INFRA / "main.bicep")
 ALERTS = Template.load(INFRA / "app" / "alerts.bicep")
 AZURE_WINDOWS = [5, 10, 15, 30, 45, 60, 120, 180, 240, 300, 360, 1440, 2880]  # the API's own error text
 # main.bicep's parameters that reach the alerts module under the same name
-PASSED_ON = ("missedRunIntervals", "breakerOpenMinutes", "lagMinutes", "webhookRejectionsThreshold")
+PASSED_ON = ("missedRunIntervals", "breakerOpenMinutes", "lagMinutes", "webhookRejectionsThreshold",
+             "reconcileDriftRatio", "reconcileNewMismatchesThreshold")  # fmt: skip
 
 
 def rule_fields(name: str) -> dict[str, str]:
@@ -41,7 +42,7 @@ def deploy(**params: Any) -> dict[str, Any]:
                     "scheduleIntervalMinutes": interval}  # fmt: skip
     windows = {}
     for rule in ("failure-rate", "dlq-depth", "poison", "no-successful-run", "breaker-open", "lag",
-                 "webhook-rejections", "exceptions"):  # fmt: skip
+                 "webhook-rejections", "exceptions", "reconcile-drift", "reconcile-new-mismatches"):  # fmt: skip
         window = ALERTS.expression(rule_fields(rule)["window"], **alert_params)
         assert re.fullmatch(r"PT\d+M|PT1H", window), window
         windows[rule] = 60 if window == "PT1H" else int(window[2:-1])
@@ -63,7 +64,7 @@ def readme_examples() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("name", "example"), readme_examples())
 def test_every_parameter_change_the_readme_documents_gives_windows_azure_accepts(name: str, example: str) -> None:
-    value: Any = example if name in ("syncSchedule", "failureRatePercent") else int(example)
+    value: Any = example if name in ("syncSchedule", "failureRatePercent", "reconcileDriftRatio") else int(example)
     outcome = deploy(**{name: value})
     for rule, window in outcome["windows"].items():
         assert window in AZURE_WINDOWS, (name, example, rule, window)
@@ -239,3 +240,17 @@ def test_the_webhook_rule_counts_refusals_only() -> None:
     assert _fires("webhook-rejections", refused + accepted)  # 12 refused > 10
     assert not _fires("webhook-rejections", refused[:3] + accepted)  # 9 refused
     assert not _fires("webhook-rejections", refused, webhookRejectionsThreshold=20)
+
+
+def test_the_drift_rule_fires_on_an_entity_whose_newest_drift_is_over_the_ratio() -> None:
+    drifted = _rows("sync_drift_ratio", [(0, 0.002), (5, 0.03)], entity="invoices")
+    assert _fires("reconcile-drift", drifted)  # 3 % > 1 %
+    assert not _fires("reconcile-drift", _rows("sync_drift_ratio", [(0, 0.03), (5, 0.004)], entity="invoices"))
+    assert not _fires("reconcile-drift", drifted, reconcileDriftRatio="0.05")
+
+
+def test_the_new_mismatches_rule_counts_the_day_s_new_differences() -> None:
+    found = _rows("sync_mismatches", [(m, 5) for m in range(6)], entity="invoices", category="amount_over")
+    assert _fires("reconcile-new-mismatches", found)  # 30 > 25
+    assert not _fires("reconcile-new-mismatches", found[:5])
+    assert not _fires("reconcile-new-mismatches", found, reconcileNewMismatchesThreshold=40)

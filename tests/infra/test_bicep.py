@@ -213,10 +213,12 @@ def test_alert_thresholds_are_parameters_with_the_designed_defaults() -> None:
     assert params["exceptionBurstThreshold"]["default"] == 10
     assert params["lagMinutes"]["default"] == 60
     assert params["webhookRejectionsThreshold"]["default"] == 10
+    assert params["reconcileDriftRatio"]["default"] == "0.01"
+    assert params["reconcileNewMismatchesThreshold"]["default"] == 25
     alerts = parsed(INFRA / "app" / "alerts.bicep")["parameters"]
     for name in ("failureRatePercent", "dlqOpenRowsThreshold", "poisonMessagesThreshold", "missedRunIntervals",
                  "breakerOpenMinutes", "exceptionBurstThreshold", "lagMinutes",
-                 "webhookRejectionsThreshold"):  # fmt: skip
+                 "webhookRejectionsThreshold", "reconcileDriftRatio", "reconcileNewMismatchesThreshold"):  # fmt: skip
         assert alerts[name]["default"] is None, f"{name}: the default lives in main.bicep only"
 
 
@@ -247,7 +249,7 @@ def test_every_alert_and_tile_queries_a_registered_metric_its_dimensions_and_the
     queries = infra_queries()
     assert {q.title for q in queries if q.source == "alert"} == {
         "failure-rate", "dlq-depth", "poison", "no-successful-run", "breaker-open", "lag", "webhook-rejections",
-        "exceptions",
+        "exceptions", "reconcile-drift", "reconcile-new-mismatches",
     }  # fmt: skip
     assert len([q for q in queries if q.source == "workbook"]) >= 6
     for q in queries:

@@ -17,6 +17,7 @@ from shared.dataverse.client import UpsertRow
 from shared.mapping import CUSTOMER_MAP, Column, customer_row, invoice_rows
 from shared.reconcile import compare
 from shared.reconcile.compare import Mismatch
+from shared.telemetry import MISMATCH_CATEGORIES
 from tests.shared.test_mapping import customers
 
 NOW = datetime(2026, 11, 30, 9, 30, tzinfo=UTC)
@@ -146,3 +147,7 @@ def test_orphans_are_crm_keys_billing_does_not_have() -> None:
         Mismatch("customers", "cus_gone", "orphan_in_crm")
     ]
     assert CUSTOMER_MAP.key.column == "accountnumber"
+
+
+def test_the_categories_are_the_ones_the_metrics_registry_declares() -> None:
+    assert compare.CATEGORIES == MISMATCH_CATEGORIES

@@ -61,10 +61,10 @@ def test_every_instrument_emits_under_its_registered_name() -> None:
     reader = InMemoryMetricReader()
     m = telemetry.instruments(MeterProvider(metric_readers=[reader]))
     for counter in (m.records, m.batches, m.api_requests, m.throttled, m.dlq_writes, m.poison, m.runs, m.listed,
-                    m.webhooks):  # fmt: skip
+                    m.webhooks, m.mismatches):  # fmt: skip
         counter.add(1, {"entity": "customers"})
     m.batch_duration.record(5.0, {"entity": "customers"})
-    for gauge in (m.dlq_depth, m.breaker_state, m.breaker_open, m.lag):
+    for gauge in (m.dlq_depth, m.breaker_state, m.breaker_open, m.lag, m.drift):
         gauge.set(1)
     assert set(points(reader)) == set(telemetry.ALL_METRICS)
 
