@@ -8,7 +8,8 @@
 | `deadletters` | `record-<entity>` / `message` | record id / message key | the DLQ (see `shared.dlq`) |
 | `breakers` | `breaker` | system | circuit breaker state (`shared.breaker`) |
 | `webhookevents` | `event` | event id (or signed-bytes digest) | webhook events accepted lately: replays refused |
-| `mismatches`, `reconcileruns` | entity / `run`, run id | record id / run id, batch id | reconcile's findings (`shared.reconcile.findings`) |
+| `mismatches` | entity | record id | what reconcile found differing (`shared.reconcile.findings`) |
+| `reconcileruns` | `run` / run id | run id / batch id | reconcile's runs and batches |
 
 Record ids are keys as they are unless they hold a character Table keys forbid (`/ \\ # ?`, control
 characters, `%`): those are percent-encoded, so every id has exactly one key. Transactions stay within one
