@@ -70,7 +70,7 @@ async def test_hostile_profile_lists_and_fetches_every_invoice_exactly_once_at_i
         drop_ids_rate=0.02,
         invalid_record_rate=0.01,
     )
-    with billing_server(records=20_000, seed=3, profile=FaultProfile(seed=3, billing=faults), api_key=KEY) as running:
+    with billing_server(records=10_000, seed=3, profile=FaultProfile(seed=3, billing=faults), api_key=KEY) as running:
         before = running.store.versions("invoices")
         retry = RetryPolicy(attempts=12, total_s=120, base_s=0.5, cap_s=8)
         async with client_for(running.url, pagination="offset", rate_limit_rps=5, retry=retry) as client:
@@ -93,7 +93,7 @@ async def test_hostile_profile_lists_and_fetches_every_invoice_exactly_once_at_i
     assert stats.dropped_ids > 0
     assert stats.outage_drops > 0
     assert stats.mutations > 100
-    assert 0 < len(invalid) < 600
+    assert 0 < len(invalid) < 300
 
 
 async def test_without_faults_the_client_makes_only_the_requests_pages_and_bulk_fetches_need() -> None:
