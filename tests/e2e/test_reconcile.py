@@ -148,7 +148,7 @@ async def test_a_column_a_crm_plugin_keeps_reverting_ends_in_one_persistent_mism
     azurite: Azurite,
 ) -> None:
     plugin = DataverseFaults(reverting_plugin=RevertingPlugin(table="account", column="telephone1"))
-    options = PlatformOptions(azurite_conn=azurite.connection_string, records=40, seed=3, webhooks=False,
+    options = PlatformOptions(azurite_conn=azurite.connection_string, records=16, seed=3, webhooks=False,
                               profile=FaultProfile(dataverse=plugin), visibility_timeout_s=0.5,
                               settings={"RECONCILE_MAX_ATTEMPTS": "2"})  # fmt: skip
     async with platform(options) as p:
