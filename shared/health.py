@@ -8,11 +8,13 @@ from typing import Any
 
 import azure.functions as func
 
-from shared import __version__, clock, dlq, inputs, state
+from shared import __version__, clock, dlq, inputs, logs, state
 from shared.reconcile import start as reconcile_start
 from shared.responses import json_response
 from shared.runtime import Runtime
 from shared.telemetry import BREAKER_VALUES
+
+log = logs.get_logger("shared.health")
 
 
 @dataclass
@@ -53,7 +55,11 @@ async def observe(runtime: Runtime) -> Observed:
 
 async def _drift(runtime: Runtime) -> None:
     """The drift score of the newest complete reconcile run, per entity (a dry run's counts too: it compared)."""
-    latest = await reconcile_start.summary(runtime, complete_only=True)
+    try:
+        latest = await reconcile_start.summary(runtime, complete_only=True)
+    except Exception as exc:  # noqa: BLE001 - one reading missing must not cost the others (or a fan-out tick)
+        log.warning("health: the reconcile drift could not be read (%s: %s)", type(exc).__name__, exc)
+        return
     for entity, counts in (latest or {}).get("entities", {}).items():
         runtime.metrics.drift.set(float(counts["drift"]), {"entity": entity})
 
