@@ -95,7 +95,7 @@ def parse_event(body: bytes) -> Event | None:
     try:
         data = inputs.validate(EventData, event.data)
     except inputs.BadRequest as exc:
-        fields = [{**f, "field": f"data.{f['field']}"} for f in exc.fields]
+        fields = [{**f, "field": "data" if f["field"] == "(body)" else f"data.{f['field']}"} for f in exc.fields]
         raise WebhookRejected(400, "the event has no valid 'data.id' (1-100 printable characters)", "malformed",
                               fields) from None  # fmt: skip
     return Event(event.id or "", entity, data.id)

@@ -102,6 +102,7 @@ async def test_the_dlq_list_ignores_a_function_key_sent_in_the_url(runtime: Runt
         (b'{"id": "evt_1", "type": "invoice.updated", "data": {"id": "in_1\\nINFO forged"}}', "data.id"),
         (b'{"id": "evt_1", "type": "invoice.updated", "data": {"id": 42}}', "data.id"),
         (b'{"id": "evt_1", "type": "invoice.updated", "data": "in_1"}', "data"),
+        (b'{"id": "evt_1", "type": "invoice.updated"}', "data"),
         (b'{"id": "evt_1", "type": 7, "data": {"id": "in_1"}}', "type"),
         (b'{"id": ["evt_1"], "type": "invoice.updated", "data": {"id": "in_1"}}', "id"),
     ],
