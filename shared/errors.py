@@ -84,6 +84,11 @@ class CircuitOpenError(SyncError):
     """The breaker of this outside system is open."""
 
 
+class SyncBusy(CircuitOpenError):
+    """Reconcile yields to the sync: a fan-out listing is under way, so its messages go first. Deferred like an
+    outage (a visibility delay, no dequeue budget spent)."""
+
+
 @dataclass(frozen=True)
 class InvalidRecord:
     """A record that breaks the contract; `reason` names the field."""

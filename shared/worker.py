@@ -27,7 +27,7 @@ from typing import Any
 
 from shared import dlq, ledger, logs, messages, plan, state
 from shared.billing.models import Customer, Invoice
-from shared.errors import CircuitOpenError, InvalidRecord, TransientError
+from shared.errors import CircuitOpenError, InvalidRecord, SyncBusy, TransientError
 from shared.messages import MalformedMessage, SyncMessage
 from shared.reconcile import batch as reconcile_batch
 from shared.runtime import Runtime
@@ -36,6 +36,7 @@ from shared.writes import write_records
 log = logs.get_logger("shared.worker")
 MIN_DEFER_S = 5
 MAX_DEFER_S = 300
+YIELD_S = 60  # how long a reconcile batch waits while fan-out lists
 
 
 @dataclass
@@ -115,6 +116,10 @@ async def _malformed(runtime: Runtime, content: bytes, reason: str) -> BatchResu
     return BatchResult(entity or "unknown", outcome="malformed")
 
 
+def _waited_for(exc: CircuitOpenError) -> str:
+    return "fan-out was listing (reconcile yields)" if isinstance(exc, SyncBusy) else f"{exc.system} was unavailable"
+
+
 async def _defer(runtime: Runtime, msg: SyncMessage, exc: CircuitOpenError) -> BatchResult:
     """Send the message again with a delay and let this delivery succeed: an outage spends no dequeue budget."""
     result = BatchResult(msg.entity, outcome="deferred")
@@ -124,7 +129,7 @@ async def _defer(runtime: Runtime, msg: SyncMessage, exc: CircuitOpenError) -> B
             runtime.tables,
             body=msg.body(),
             reason_kind="deferred_too_long",
-            reason=f"deferred {msg.deferrals} times while {exc.system} was unavailable; reprocess once it is back",
+            reason=f"deferred {msg.deferrals} times while {_waited_for(exc)}; reprocess once it is over",
             run_id=msg.run_id,
             batch_id=msg.batch_id,
             entity=msg.entity,
@@ -149,7 +154,12 @@ async def _defer(runtime: Runtime, msg: SyncMessage, exc: CircuitOpenError) -> B
 
 async def _reconcile(runtime: Runtime, msg: SyncMessage) -> BatchResult:
     """A reconcile or orphans message (`shared.reconcile`): compared, recorded, healed through the sync; no CRM write
-    here."""
+    here. It yields while fan-out is listing: the sync's messages share the queue and the CRM's budget, and go
+    first."""
+    listing = [e for e in runtime.settings.entity_list if (await state.read_checkpoint(runtime.tables, e)).run_id]
+    if listing:
+        raise SyncBusy(f"reconcile yields: fan-out is listing {', '.join(listing)}", system="the sync",
+                       retry_after=YIELD_S)  # fmt: skip
     found = await reconcile_batch.handle(runtime, msg)
     log.info("reconcile batch %s of run %s: %d %s compared, %d differ", msg.batch_id, msg.run_id, found.compared,
              msg.entity, found.mismatched)  # fmt: skip

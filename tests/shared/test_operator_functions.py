@@ -161,3 +161,18 @@ async def test_dlq_rows_hold_no_raw_control_characters(runtime: Runtime) -> None
     assert len(rows) == 2
     assert not [t for t in texts if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in t)]
     assert "a***@example.com" in " ".join(texts)
+
+
+async def test_a_reconcile_batch_yields_while_fan_out_is_listing(runtime: Runtime) -> None:
+    """The sync's messages share the queue and the CRM's budget: a reconcile batch waits (deferred, no dequeue
+    budget spent) while a listing is under way, and nothing of it is compared or written meanwhile."""
+    cp = await state.read_checkpoint(runtime.tables, "invoices")
+    cp.run_id = "run-listing"
+    cp = await state.write_checkpoint(runtime.tables, cp)
+    msg = messages.build("invoices", ["in_1"], run_id="run-r", source="reconcile", kind="reconcile")
+    result = await worker.handle(runtime, on_queue(msg.body().encode()))
+    props = await runtime.queue.get_queue_properties()
+    batches = await runtime.tables.table("reconcileruns")
+    assert (result.outcome, result.counts["deferred"]) == ("deferred", 1)
+    assert props.approximate_message_count == 1  # sent again, invisible for a while, with its deferral counted
+    assert [row async for row in batches.list_entities()] == []
