@@ -21,9 +21,6 @@ async def on_timer(runtime: Runtime) -> start.Started:
 async def begin(runtime: Runtime, req: func.HttpRequest) -> func.HttpResponse:
     """`POST /api/reconcile`: a run over the scope asked for; 202 with its id once its ids are on the queue."""
     request = inputs.body(req, start.ReconcileRequest, empty={})
-    if request.ids and len(request.entity) != 1:
-        raise inputs.BadRequest("entity: name exactly one entity for the ids", [{"field": "entity",
-                                "problem": "exactly one entity is needed with ids"}])  # fmt: skip
     run = await start.start(runtime, request, trigger="http")
     body = {"run_id": run.run_id, "dry_run": run.dry_run, "status": run.status, "messages": run.messages,
             "listed": dict(run.listed)}  # fmt: skip

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from azure.data.tables import UpdateMode
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from shared import clock, logs, messages, state
 from shared.billing.listing import ChangeListing, ListingPosition
@@ -48,6 +48,12 @@ class ReconcileRequest(BaseModel):
     since: datetime | None = None
     dry_run: StrictBool = False
 
+    @model_validator(mode="after")
+    def _one_entity_for_ids(self) -> ReconcileRequest:
+        if self.ids and len(self.entity) != 1:
+            raise ValueError("entity: name exactly one entity for the ids")
+        return self
+
 
 @dataclass
 class Started:
@@ -60,8 +66,6 @@ class Started:
 
 async def start(runtime: Runtime, request: ReconcileRequest, *, trigger: str) -> Started:
     """List the run's ids onto the queue; returns when everything is sent (or the time budget is spent)."""
-    if request.ids and len(request.entity) != 1:
-        raise ValueError("entity: name exactly one entity for the ids")
     run = Started(state.run_id_for("reconcile"), request.dry_run)
     scope = {"entity": request.entity, "ids": len(request.ids), "since": request.since, "trigger": trigger}
     await _run_row(runtime, run, status="listing", started_at=clock.iso(clock.utcnow()), scope=str(scope)[:1000])

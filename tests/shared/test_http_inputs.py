@@ -12,6 +12,7 @@ import azure.functions as func
 import pytest
 
 from shared import dlq, dlq_api, state, webhook
+from shared.reconcile import api as reconcile_api
 from shared.runtime import Runtime
 from tests.shared.runtimes import runtime_for
 
@@ -142,3 +143,23 @@ async def test_events_older_than_the_window_are_forgotten(runtime: Runtime) -> N
     assert await state.forget_events(runtime.tables, older_than_s=600) == 0
     assert await state.forget_events(runtime.tables, older_than_s=-1) == 1  # every row is older than the future
     assert await state.remember_event(runtime.tables, "id-evt_1", window_s=600)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"ids": ["in_1"]}', "exactly one entity"),
+        (b'{"ids": ["in_1"], "entity": ["customers", "invoices"]}', "exactly one entity"),
+        (b'{"entity": "contacts"}', "entity.0"),
+        (b'{"since": "yesterday"}', "since"),
+        (b'{"dry_run": "yes"}', "dry_run"),
+        (b'{"everything": true}', "everything"),
+    ],
+)
+async def test_a_reconcile_request_that_cannot_be_run_answers_400_saying_why(
+    runtime: Runtime, body: bytes, says: str
+) -> None:
+    status, data = answer(await reconcile_api.begin(runtime, post("/api/reconcile", body)))
+    assert status == 400
+    assert says in data["error"]
+    assert await runtime.queue.peek_messages(max_messages=32) == []
