@@ -21,6 +21,7 @@ TRIGGERS = ("queueTrigger", "timerTrigger", "httpTrigger")
 OUTPUTS = ("http", "queue")
 SCRIPT_FILE_SETTING = "PYTHON_SCRIPT_FILE_NAME"
 _PRELOADED: dict[str, set[str]] = {}  # app folder -> the modules imported before the app was first loaded
+_ADDED_TO_PATH: set[str] = set()  # app folders load_app put on sys.path (unload_app takes away only those)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ def load_app(app_dir: Path, script_name: str = "function_app.py") -> list[Functi
         raise HostStartupError(f"{script}: not found (the Python v2 model needs {script_name} in the app folder)")
     if str(app_dir) not in sys.path:
         sys.path.insert(0, str(app_dir))  # the worker puts the app root on sys.path, so `import shared` works
+        _ADDED_TO_PATH.add(str(app_dir))
     _PRELOADED.setdefault(str(app_dir), set(sys.modules))
     module_name = f"_localhost_app_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(module_name, script)
@@ -140,8 +142,10 @@ def unload_app(app_dir: Path) -> None:
     the host in-process) keeps using the same module objects."""
     app_dir = app_dir.resolve()
     preloaded = _PRELOADED.pop(str(app_dir), set())
-    while str(app_dir) in sys.path:
-        sys.path.remove(str(app_dir))
+    if str(app_dir) in _ADDED_TO_PATH:  # only what load_app put there: an entry the caller had stays
+        _ADDED_TO_PATH.discard(str(app_dir))
+        while str(app_dir) in sys.path:
+            sys.path.remove(str(app_dir))
     for name, module in list(sys.modules.items()):
         if name in preloaded:
             continue

@@ -145,3 +145,29 @@ def test_parameters_that_do_not_match_bindings_are_named(make_app: AppFactory) -
     assert "function 'handler'" in line
     assert "bindings without a parameter: msg" in line
     assert "parameters without a binding: message" in line
+
+
+def test_unloading_an_app_leaves_a_sys_path_entry_the_caller_already_had(tmp_path: Path) -> None:
+    """Before, unloading removed the app folder from sys.path even when it was there first (pytest puts the repository
+    root there): a later `import function_app` failed in the same process."""
+    from sandbox.host.loader import load_app, unload_app  # noqa: PLC0415 - the host's own loader, in-process
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "function_app.py").write_text(
+        "import azure.functions as func\napp = func.FunctionApp()\n\n"
+        "@app.route(route='ping')\ndef ping(req: func.HttpRequest) -> func.HttpResponse:\n"
+        "    return func.HttpResponse('pong')\n"
+    )
+    sys.path.insert(0, str(app.resolve()))
+    try:
+        load_app(app)
+        unload_app(app)
+        assert str(app.resolve()) in sys.path
+        sys.path.remove(str(app.resolve()))
+        load_app(app)  # an entry it put there itself is taken away
+        unload_app(app)
+        assert str(app.resolve()) not in sys.path
+    finally:
+        while str(app.resolve()) in sys.path:
+            sys.path.remove(str(app.resolve()))
