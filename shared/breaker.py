@@ -15,6 +15,8 @@ breaker-open alert reads that figure (`sync_breaker_open_seconds`), not the stat
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -41,6 +43,7 @@ class BreakerConfig:
     open_for_s: float = 30.0
     cache_s: float = 1.0  # how stale a read may be when deciding to let a call through
     write_attempts: int = 20
+    backoff_s: float = 0.02  # after a lost race: a random pause up to backoff_s * 2**n (capped at 1 s)
 
 
 @dataclass(frozen=True)
@@ -110,13 +113,16 @@ class CircuitBreaker:
 
     async def _transition(self, change: Callable[[BreakerState], BreakerState | None]) -> BreakerState:
         """Apply `change` to the current state with optimistic concurrency. `change` returning None: no write."""
-        for _ in range(self.config.write_attempts):
+        for attempt in range(self.config.write_attempts):
             old = await self.read()
             new = change(old)
             if new is None:
                 return old
             if await self._write(old, new):
                 return new
+            # Lost the race to another writer. Retrying at once keeps the losers in lock-step, and with more
+            # concurrent writers than attempts some run out; a random pause ("full jitter") spreads them out.
+            await asyncio.sleep(random.uniform(0, min(1.0, self.config.backoff_s * 2**attempt)))
         raise CircuitOpenError(
             f"breaker '{self.system}': could not record its state (too much contention)", system=self.system
         )

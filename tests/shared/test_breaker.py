@@ -114,6 +114,15 @@ async def test_concurrent_failures_are_all_counted(table: TableClient) -> None:
     assert (await instances[0].read()).failures == 24
 
 
+async def test_more_writers_than_write_attempts_are_all_counted(table: TableClient) -> None:
+    """Forty concurrent failures against twenty attempts each: without a randomised pause between lost races, the
+    writers retry in lock-step and the unlucky ones run out of attempts (CI saw it at 24 writers on a busy machine)."""
+    clock = FakeClock()
+    instances = [breaker(table, clock, failure_threshold=1000) for _ in range(8)]
+    await asyncio.gather(*(b.record_failure() for b in instances for _ in range(5)))
+    assert (await instances[0].read()).failures == 40
+
+
 async def test_two_processes_share_one_state(table: TableClient, conn: str) -> None:
     """This process opens the breaker; a separate Python process sees it open and refuses the call."""
     b = CircuitBreaker(table, "billing", BreakerConfig(failure_threshold=2, open_for_s=600))
