@@ -8,7 +8,7 @@ NODE_STAMP := node_modules/.installed
 IAC_VENV := .venv-iac
 IAC_STAMP := $(IAC_VENV)/.installed
 
-.PHONY: demo test lint fmt bench deps clean
+.PHONY: demo test lint fmt bench deps browser clean
 
 deps: $(PY_STAMP) $(NODE_STAMP) $(IAC_STAMP)
 
@@ -30,10 +30,18 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# Debian's Chromium, for the tests that load the report page in a real browser (installed only where missing).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium (the report page is tested in headless Chromium)"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }
+
 demo: deps
 	$(BIN)/python -m sandbox demo
 
-test: deps
+test: deps browser
 	$(BIN)/python -m pytest
 
 lint: deps

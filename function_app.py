@@ -8,6 +8,7 @@ import azure.functions as func
 from shared import dlq_api, fanout, health, poison, webhook, worker
 from shared.observability import configure_telemetry
 from shared.reconcile import api as reconcile_api
+from shared.reconcile import page as reconcile_page
 from shared.runtime import get_runtime
 from shared.settings import load_settings
 
@@ -45,6 +46,16 @@ async def reconcile_start(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="reconcile/latest", methods=["GET"])
 async def reconcile_latest(req: func.HttpRequest) -> func.HttpResponse:
     return await reconcile_api.latest(await get_runtime(SETTINGS), req)
+
+
+@app.route(route="report", methods=["GET"])
+async def report_page(req: func.HttpRequest) -> func.HttpResponse:
+    return await reconcile_page.page(await get_runtime(SETTINGS), req)
+
+
+@app.route(route="report/csv", methods=["GET"])
+async def report_csv(req: func.HttpRequest) -> func.HttpResponse:
+    return await reconcile_page.csv_file(await get_runtime(SETTINGS), req)
 
 
 @app.route(route="dlq", methods=["GET"])

@@ -167,8 +167,8 @@ class Platform:
 
     async def reconcile(self, body: dict[str, Any], *, timeout_s: float = 600) -> dict[str, Any]:
         """Start a reconcile run over HTTP as an operator would (`POST /api/reconcile`), wait until its batches and
-        the syncs it sent are done, and return `GET /api/reconcile/latest`; health is asked once more, as a fan-out
-        tick would, so the drift gauge holds the run."""
+        the syncs it sent are done, fire one fan-out tick (as the schedule would: it writes the run's report and
+        totals, and sets the drift gauge), and return `GET /api/reconcile/latest`, report included."""
         headers = {"x-functions-key": self.settings["SANDBOX_HOST_FUNCTION_KEY"]}
         deadline = time.monotonic() + timeout_s
         async with httpx.AsyncClient(base_url=self.host.http_url or "", headers=headers, timeout=120) as http:
@@ -184,7 +184,11 @@ class Platform:
                     raise TimeoutError(f"reconcile run {run_id} did not finish in {timeout_s:.0f} s")
                 await asyncio.sleep(0.3)
             await self.wait_idle(timeout_s=max(30.0, deadline - time.monotonic()))
-            await http.get("/api/health")
+            await self.fan_out()
+            await self.wait_idle(timeout_s=max(30.0, deadline - time.monotonic()))  # what the tick listed, synced
+            latest = (await http.get("/api/reconcile/latest")).json()
+            if latest.get("run_id") != run_id or not latest.get("report"):
+                raise RuntimeError(f"reconcile run {run_id}: the fan-out tick wrote no report ({latest})")
         return dict(latest)
 
 

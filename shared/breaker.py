@@ -15,8 +15,6 @@ breaker-open alert reads that figure (`sync_breaker_open_seconds`), not the stat
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,6 +23,7 @@ from typing import Any, Literal
 from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables.aio import TableClient
 from pydantic import ValidationError
+from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from shared import logs
 from shared.errors import CircuitOpenError
@@ -35,6 +34,10 @@ log = logs.get_logger("shared.breaker")
 PARTITION = "breaker"
 State = Literal["closed", "open", "half_open"]
 Clock = Callable[[], float]
+
+
+class LostRace(Exception):
+    """Another writer changed the breaker's row since it was read."""
 
 
 @dataclass(frozen=True)
@@ -112,20 +115,32 @@ class CircuitBreaker:
         return True
 
     async def _transition(self, change: Callable[[BreakerState], BreakerState | None]) -> BreakerState:
-        """Apply `change` to the current state with optimistic concurrency. `change` returning None: no write."""
-        for attempt in range(self.config.write_attempts):
+        """Apply `change` to the current state with optimistic concurrency. `change` returning None: no write.
+
+        A write that loses the race to another writer reads again and retries after a random pause (full jitter:
+        retrying at once keeps the losers in lock-step, and with more concurrent writers than attempts some ran
+        out)."""
+
+        async def once() -> BreakerState:
             old = await self.read()
             new = change(old)
             if new is None:
                 return old
-            if await self._write(old, new):
-                return new
-            # Lost the race to another writer. Retrying at once keeps the losers in lock-step, and with more
-            # concurrent writers than attempts some run out; a random pause ("full jitter") spreads them out.
-            await asyncio.sleep(random.uniform(0, min(1.0, self.config.backoff_s * 2**attempt)))
-        raise CircuitOpenError(
-            f"breaker '{self.system}': could not record its state (too much contention)", system=self.system
+            if not await self._write(old, new):
+                raise LostRace
+            return new
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.config.write_attempts),
+            wait=wait_random_exponential(multiplier=self.config.backoff_s, max=1.0),
+            retry=retry_if_exception_type(LostRace),
         )
+        try:
+            return await retrying(once)
+        except RetryError:
+            raise CircuitOpenError(
+                f"breaker '{self.system}': could not record its state (too much contention)", system=self.system
+            ) from None
 
     async def before_call(self) -> None:
         """Let the call through, or raise CircuitOpenError. While open, exactly one caller gets to probe."""

@@ -19,6 +19,7 @@ import base64
 import contextlib
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -252,6 +253,17 @@ async def depth(tables: StateTables) -> int:
         if count >= DEPTH_CAP:
             break
     return count
+
+
+async def open_by_reason(tables: StateTables) -> Counter[str]:
+    """Open rows by reason, counted up to DEPTH_CAP in all."""
+    table = await tables.table("deadletters")
+    counts: Counter[str] = Counter()
+    async for row in table.query_entities("status eq 'open'", select=["reason_kind"]):
+        counts[str(row.get("reason_kind") or "unknown")] += 1
+        if counts.total() >= DEPTH_CAP:
+            break
+    return counts
 
 
 async def mark_requeued(tables: StateTables, keyed: Iterable[tuple[str, str]], token: str) -> int:

@@ -26,6 +26,7 @@ from shared import clock, dlq, health, logs, messages, state
 from shared.billing.listing import ChangeListing, ListingPosition
 from shared.billing.models import Entity
 from shared.errors import CircuitOpenError, ContractError
+from shared.reconcile import report
 from shared.runtime import Runtime
 from shared.state import Checkpoint, CheckpointConflict
 
@@ -78,6 +79,7 @@ async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[Fa
     finally:
         await health.observe(runtime)  # the gauges the alerts read: DLQ depth, breaker states, lag
         await _forget_webhook_events(runtime)
+        await _write_reports(runtime)
     if failures:
         raise FanoutFailed("fan-out failed for " + "; ".join(failures))
     return results
@@ -92,6 +94,15 @@ async def _forget_webhook_events(runtime: Runtime) -> None:
         await state.forget_events(runtime.tables, older_than_s=2 * runtime.settings.webhook_tolerance_s + 60)
     except Exception as exc:  # noqa: BLE001 - housekeeping: the next tick tries again
         log.warning("fan-out: old webhook events not forgotten (%s: %s); the next tick tries again",
+                    type(exc).__name__, exc)  # fmt: skip
+
+
+async def _write_reports(runtime: Runtime) -> None:
+    """Reconcile runs whose batches have all ended get their totals and CSV report (`shared.reconcile.report`)."""
+    try:
+        await report.write_pending(runtime)
+    except Exception as exc:  # noqa: BLE001 - housekeeping: the next tick tries again
+        log.warning("fan-out: reconcile reports not written (%s: %s); the next tick tries again",
                     type(exc).__name__, exc)  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
+from azure.storage.blob.aio import BlobServiceClient
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient
 
@@ -40,6 +41,7 @@ class Runtime:
     billing_breaker: CircuitBreaker
     dataverse_breaker: CircuitBreaker
     metrics: Instruments
+    blobs: BlobServiceClient  # the reconcile reports (container `reports`)
 
     async def aclose(self) -> None:
         await self.billing.aclose()
@@ -53,6 +55,7 @@ class Runtime:
         await self.queue.close()
         await self.poison.close()
         await self.tables.close()
+        await self.blobs.close()
 
 
 def _storage_credential(settings: Settings) -> Any:
@@ -76,6 +79,12 @@ def _queue(settings: Settings, name: str) -> QueueClient:
         message_encode_policy=encode,
         message_decode_policy=decode,
     )
+
+
+def _blobs(settings: Settings) -> BlobServiceClient:
+    if settings.storage_connection:
+        return BlobServiceClient.from_connection_string(settings.storage_connection)
+    return BlobServiceClient(settings.blob_service_url, credential=_storage_credential(settings))
 
 
 def _tables(settings: Settings) -> StateTables:
@@ -203,6 +212,7 @@ async def build(settings: Settings) -> Runtime:
         billing_breaker=billing_breaker,
         dataverse_breaker=dataverse_breaker,
         metrics=metrics,
+        blobs=_blobs(settings),
     )
 
 

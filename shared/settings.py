@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     storage_table_uri: Annotated[str | None, Field(validation_alias=_env("AzureWebJobsStorage__tableServiceUri"))] = (
         None
     )
+    storage_blob_uri: Annotated[str | None, Field(validation_alias=_env("AzureWebJobsStorage__blobServiceUri"))] = None
     queue_name: Annotated[str, Field(validation_alias=_env("SYNC_QUEUE"))] = "billing-sync"
     table_prefix: Annotated[str, Field(validation_alias=_env("SYNC_TABLE_PREFIX"))] = ""
 
@@ -123,7 +124,14 @@ class Settings(BaseSettings):
         str | None, Field(validation_alias=_env("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"))
     ] = None
 
-    @field_validator("billing_url", "dataverse_url", "dataverse_authority", "storage_queue_uri", "storage_table_uri")
+    @field_validator(
+        "billing_url",
+        "dataverse_url",
+        "dataverse_authority",
+        "storage_queue_uri",
+        "storage_table_uri",
+        "storage_blob_uri",
+    )
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is None:
@@ -190,11 +198,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        identity_uris = self.storage_queue_uri and self.storage_table_uri
+        identity_uris = self.storage_queue_uri and self.storage_table_uri and self.storage_blob_uri
         if not (self.storage_connection or self.storage_account or identity_uris):
             raise ValueError(
                 "AzureWebJobsStorage: set a connection string, AzureWebJobsStorage__accountName, or "
-                "AzureWebJobsStorage__queueServiceUri and __tableServiceUri"
+                "AzureWebJobsStorage__queueServiceUri, __tableServiceUri and __blobServiceUri"
             )
         if self.dataverse_auth == "client_secret":
             if not self.dataverse_tenant_id:
@@ -237,6 +245,10 @@ class Settings(BaseSettings):
     @property
     def table_service_url(self) -> str:
         return self.storage_table_uri or f"https://{self.storage_account}.table.core.windows.net"
+
+    @property
+    def blob_service_url(self) -> str:
+        return self.storage_blob_uri or f"https://{self.storage_account}.blob.core.windows.net"
 
     @property
     def poison_queue(self) -> str:

@@ -51,6 +51,8 @@ def test_functions_are_registered_with_their_triggers(app_module: Any) -> None:
         "health_check": ("health", ["GET"], "FUNCTION"),
         "reconcile_start": ("reconcile", ["POST"], "FUNCTION"),
         "reconcile_latest": ("reconcile/latest", ["GET"], "FUNCTION"),
+        "report_page": ("report", ["GET"], "FUNCTION"),
+        "report_csv": ("report/csv", ["GET"], "FUNCTION"),
         "billing_webhook": ("webhooks/billing", ["POST"], "ANONYMOUS"),  # HMAC-verified instead
     }
 

@@ -2,8 +2,9 @@
 
 - `mismatches` (PartitionKey the entity, RowKey the record id): one row per record that differs or differed, with
   its categories and columns, `first_seen`, `last_seen`, `resolved_at` (empty while open) and `attempts`, the
-  consecutive runs that found it; a record compared and found in step resolves its open row. Trends and time to
-  resolution are queries over it.
+  consecutive runs that found it; `detail` is JSON, one entry per finding: `[category, columns, billing values, CRM
+  values, difference, currency]` (what the run's CSV report lists, `report.py`). A record compared and found in
+  step resolves its open row. Trends and time to resolution are queries over it.
 - healing: a healable record is sent through the sync again with `force` (the hash check bypassed), unless the
   sync's DLQ already holds it (its reason is kept in the row's `in_dlq`: reprocess is how it is retried), at most
   `RECONCILE_MAX_REPAIRS` a run (counted on the run's row, so a mapping bug cannot storm the CRM); a record still
@@ -145,7 +146,9 @@ async def _record(
         "record_id": record_id,
         "categories": ",".join(sorted({m.category for m in found})),
         "columns": ",".join(dict.fromkeys(c for m in found for c in m.columns))[:MAX_COLUMNS_TEXT],
-        "detail": json.dumps([[m.category, m.columns, m.billing, m.crm] for m in found])[: dlq.MAX_TEXT * 4],
+        "detail": json.dumps(
+            [[m.category, m.columns, m.billing, m.crm, _text(m.difference), m.currency or ""] for m in found]
+        )[: dlq.MAX_TEXT * 4],
         "difference": str(amount.difference) if amount else "",
         "currency": (amount.currency or "") if amount else "",
         "first_seen": str(row["first_seen"]) if still_open and row else now,
@@ -157,6 +160,10 @@ async def _record(
     }
     await table.upsert_entity(values, mode=UpdateMode.REPLACE)
     return attempts
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
 
 
 async def _in_dlq(runtime: Runtime, entity: str, record_ids: list[str]) -> dict[str, str]:

@@ -4,12 +4,13 @@ A run pages billing ids onto the sync's queue as `reconcile` messages (the same 
 reconcile`), through the same listing engine as fan-out: every record, those changed since a time, or the ids given.
 A run over all customers also pages the CRM's account keys onto the queue as `orphans` messages: keys billing no
 longer has are `orphan_in_crm`. The batches do the comparing (`batch.py`); the run's row in `reconcileruns`
-(PartitionKey `run`) holds its scope, what was listed and sent, and the repairs it spent; its batches' rows are
-summed by `summary`.
+(PartitionKey `run`) holds its scope, what was listed and sent, and the repairs it spent; `summary` sums its
+batches' rows until its report is written (`report.py`), and reads the totals stored on the row after that.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ async def summary(runtime: Runtime, run_id: str | None = None, *, complete_only:
     query = "PartitionKey eq 'run'" + (f" and RowKey eq {literal(state.row_key(run_id))}" if run_id else "")
     looked = 0
     async for row in table.query_entities(query, results_per_page=LOOK_BACK):
-        shaped = await _summed(table, dict(row))
+        shaped = await summary_of(table, dict(row))
         if not complete_only or shaped["complete"]:
             return shaped
         looked += 1
@@ -141,7 +142,10 @@ async def summary(runtime: Runtime, run_id: str | None = None, *, complete_only:
     return None
 
 
-async def _summed(table: Any, run: dict[str, Any]) -> dict[str, Any]:
+async def summary_of(table: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """One run's summary: its stored totals once its report is written (`report.py`), else its batches summed."""
+    if run.get("totals"):
+        return _shape(run, {}, int(run.get("batches_done") or 0), stored=json.loads(str(run["totals"])))
     totals: dict[str, Counter[str]] = {}
     batches = 0
     async for row in table.query_entities(f"PartitionKey eq {literal(run['RowKey'])}"):
@@ -154,8 +158,10 @@ async def _summed(table: Any, run: dict[str, Any]) -> dict[str, Any]:
     return _shape(run, totals, batches)
 
 
-def _shape(run: dict[str, Any], totals: dict[str, Counter[str]], batches: int) -> dict[str, Any]:
-    entities = {}
+def _shape(
+    run: dict[str, Any], totals: dict[str, Counter[str]], batches: int, *, stored: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    entities: dict[str, Any] = dict(stored or {})
     for entity, counts in sorted(totals.items()):
         compared = counts["compared"]
         entities[entity] = {
@@ -174,4 +180,13 @@ def _shape(run: dict[str, Any], totals: dict[str, Counter[str]], batches: int) -
         "complete": batches >= int(run.get("messages") or 0) and run.get("status") in ("listed", "short"),
         "repairs": int(run.get("repairs") or 0),
         "entities": entities,
+        "completed_at": run.get("completed_at"),  # set with the report, once the batches have all ended
+        "report": run.get("report"),
+        "report_rows": run.get("report_rows"),
+        "top_columns": json.loads(str(run["top_columns"])) if run.get("top_columns") else [],
+        "median_hours_to_resolution": _median(run.get("median_hours_to_resolution")),
     }
+
+
+def _median(value: Any) -> float | None:
+    return None if value is None or float(value) < 0 else float(value)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 
 from sandbox.azurite import Azurite
@@ -17,7 +19,9 @@ from sandbox.dataverse_sim.store import decoded
 from sandbox.faults import BillingFaults, DataverseFaults, FaultProfile, RevertingPlugin
 from sandbox.platform import Platform, PlatformOptions, platform
 from shared import dlq, state
+from shared.reconcile import report
 from shared.reconcile.findings import MISMATCHES
+from tests import browser
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 INVOICE, ACCOUNT, LINE = TABLES["invoice"], TABLES["account"], TABLES["invoicedetail"]
@@ -57,6 +61,32 @@ def crm_writes(p: Platform) -> int:
     return sum(
         sum(codes.values()) for route, codes in stats.items() if not route.startswith("GET") and "token" not in route
     )
+
+
+async def get(p: Platform, path: str, **params: str) -> httpx.Response:
+    key = p.settings["SANDBOX_HOST_FUNCTION_KEY"]
+    async with httpx.AsyncClient(base_url=p.host.http_url or "", timeout=120) as http:
+        return await http.get(path, params=params, headers={"x-functions-key": key})
+
+
+async def check_report_page(p: Platform, summary: dict[str, Any]) -> None:
+    """The report page, loaded in headless Chromium, shows the numbers `GET /api/reconcile/latest` gives."""
+    url = f"{p.host.http_url}/api/report?code={p.settings['SANDBOX_HOST_FUNCTION_KEY']}"
+    page = browser.parse(await browser.rendered_dom(url))
+    assert page.text("run-id") == summary["run_id"]
+    assert page.text("run-state") == "complete"
+    for entity, counts in summary["entities"].items():
+        for name in ("compared", "mismatched", "new", "resolved", "healed", "persistent", "crm_requests"):
+            assert page.values(entity=entity, field=name) == [str(counts[name])], (entity, name)
+        assert page.values(entity=entity, field="drift") == [str(counts["drift"])]
+        for category, n in counts["categories"].items():
+            assert page.values(entity=entity, category=category) == [str(n)], (entity, category)
+        assert str(counts["drift"]) in page.attributes("data-drift")  # the chart's latest point
+    assert page.values(column=summary["top_columns"][0][0]) == [str(summary["top_columns"][0][1])]
+    assert summary["report"] in page.attributes("data-report")
+    runtime = await p.runtime()
+    for reason, n in (await dlq.open_by_reason(runtime.tables)).items():
+        assert page.values(reason=reason) == [str(n)]
 
 
 def lines_of(p: Platform, invoice_guid: str) -> list[dict[str, Any]]:
@@ -103,6 +133,22 @@ async def test_hand_edits_are_found_by_key_healed_and_gone_in_the_next_run(synce
     assert {key for key, c in found.items() if c == {"invalid_in_billing"}} == invalid
     assert {key for key, c in found.items() if c == {"missing_in_crm"}} - set(expected) == blocked  # in the DLQ
     assert set(found) == set(expected) | invalid | blocked  # nothing else differs
+    name = first["report"]
+    assert name == f"reconcile/{first['started_at'][:10]}-{first['run_id']}.csv"  # the day the run started (UTC)
+    answer = await get(p, "/api/report/csv", name=name)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/csv")
+    rows = report.read_csv(answer.content)
+    assert {(r["entity"], r["record_id"], r["category"]) for r in rows} == {
+        (entity, record_id, category) for (entity, record_id), categories in found.items() for category in categories
+    }  # the CSV holds every finding of the run, and nothing else
+    raised = next(r for r in rows if r["record_id"] == number_to_id[over])
+    assert (raised["columns"], raised["difference"]) == ("totalamount", "10.00")
+    assert raised["currency"]
+    month = report.previous_month(datetime.fromisoformat(first["started_at"]))  # the month before the run's
+    assert (await get(p, "/api/report/csv", name=f"reconcile/monthly-{month}.csv")).status_code == 200
+    assert (await get(p, "/api/report/csv", name="../secrets.csv")).status_code == 400
+    await check_report_page(p, first)
     assert first["entities"]["invoices"]["healed"] == 5
     assert first["entities"]["customers"]["categories"]["orphan_in_crm"] == 1
     healed = crm_invoices(p)
