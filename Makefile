@@ -41,8 +41,10 @@ browser:
 demo: deps
 	$(BIN)/python -m sandbox demo
 
+# Two workers, each with its own Azurite: most tests wait on servers more than they compute (about 5 minutes on 2
+# cores instead of 8). `pytest` alone runs them one at a time.
 test: deps browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 lint: deps
 	$(BIN)/ruff check .
@@ -54,6 +56,7 @@ bench: deps
 	$(BIN)/python -m bench.dataverse_fleet --rows 300000
 	$(BIN)/python -m bench.sync_pipeline --records 20000 --events 20
 	$(BIN)/python -m bench.masking
+	$(BIN)/python -m bench.reconcile --records 50000 --edits 100
 
 fmt: deps
 	$(BIN)/ruff format .

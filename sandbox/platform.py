@@ -198,9 +198,22 @@ def _settings_of(host: LocalHost) -> Any:
     return spec.callable.__globals__["SETTINGS"]
 
 
-def app_settings(
-    conn: str, billing: RunningBilling, dataverse: RunningDataverse, options: PlatformOptions, secrets_: dict[str, str]
-) -> dict[str, str]:
+@dataclass(frozen=True)
+class Simulators:
+    """Where the app finds the simulators, in this process or in processes of their own."""
+
+    billing_url: str
+    dataverse_url: str
+    tenant_id: str
+    authority: str
+    ca_pem: Path
+
+    @classmethod
+    def of(cls, billing: RunningBilling, dataverse: RunningDataverse) -> Simulators:
+        return cls(billing.url, dataverse.url, dataverse.tenant_id, dataverse.authority, dataverse.tls.ca_pem)
+
+
+def app_settings(conn: str, sims: Simulators, options: PlatformOptions, secrets_: dict[str, str]) -> dict[str, str]:
     profile = options.profile
     rate = profile.billing.rate_limit
     prefix = "t" + uuid.uuid4().hex[:8]
@@ -212,17 +225,17 @@ def app_settings(
         "RECONCILE_SCHEDULE": NEVER,  # the demo and the tests start reconcile runs themselves
         "SYNC_QUEUE": f"billing-sync-{prefix[1:]}",
         "SYNC_TABLE_PREFIX": prefix,
-        "BILLING_BASE_URL": billing.url,
+        "BILLING_BASE_URL": sims.billing_url,
         "BILLING_API_KEY": secrets_["billing"],
         "BILLING_WEBHOOK_SECRET": secrets_["webhook"],
         "BILLING_PAGINATION": profile.billing.pagination,
         "BILLING_RATE_LIMIT_RPS": str(round(rate.requests_per_second * 0.9, 2)) if rate else "50",
-        "DATAVERSE_URL": dataverse.url,
-        "DATAVERSE_TENANT_ID": dataverse.tenant_id,
+        "DATAVERSE_URL": sims.dataverse_url,
+        "DATAVERSE_TENANT_ID": sims.tenant_id,
         "DATAVERSE_CLIENT_ID": ",".join(f"bcs-sync-{i + 1}" for i in range(options.identities)),
         "DATAVERSE_CLIENT_SECRET": secrets_["dataverse"],
-        "DATAVERSE_AUTHORITY": dataverse.authority,
-        "DATAVERSE_CA_BUNDLE": str(dataverse.tls.ca_pem),
+        "DATAVERSE_AUTHORITY": sims.authority,
+        "DATAVERSE_CA_BUNDLE": str(sims.ca_pem),
         **_protection_settings(profile.dataverse.service_protection),
         "SANDBOX_HOST_FUNCTION_KEY": secrets_["function_key"],
         "SANDBOX_HOST_MASTER_KEY": secrets_["master_key"],
@@ -265,33 +278,43 @@ async def platform(options: PlatformOptions) -> AsyncIterator[Platform]:
         dataverse = stack.enter_context(
             dataverse_server(client_secret=keys["dataverse"], profile=options.profile, db=options.dataverse_db)
         )
-        settings = app_settings(emulator.connection_string, billing, dataverse, options, keys)
-        settings_file = work / "local.settings.json"
-        settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}), encoding="utf-8")
-        settings_file.chmod(0o600)
-        host_options = HostOptions(
-            app_dir=ROOT,
-            settings_file=settings_file,
-            faults=options.profile,
-            http_port=host_port,
-            lease=timedelta(seconds=options.lease_s),
-            drain_timeout=timedelta(seconds=10),
-            state_dir=work / "host",
-            visibility_timeout=(
-                timedelta(seconds=options.visibility_timeout_s) if options.visibility_timeout_s is not None else None
-            ),
-        )
-        for name in (settings["SYNC_QUEUE"], settings["SYNC_QUEUE"] + "-poison"):  # as the deployment creates them
-            async with QueueClient.from_connection_string(emulator.connection_string, name) as client:
-                with contextlib.suppress(ResourceExistsError):
-                    await client.create_queue()
-        host = LocalHost(host_options)
-        try:
-            await host.start()
+        settings = app_settings(emulator.connection_string, Simulators.of(billing, dataverse), options, keys)
+        async with app_host(emulator.connection_string, settings, options, work, host_port) as host:
             yield Platform(options, emulator, billing, dataverse, host, settings, work)
-        finally:
-            await host.stop()
-            await close_runtime()
+
+
+@contextlib.asynccontextmanager
+async def app_host(
+    conn: str, settings: dict[str, str], options: PlatformOptions, work: Path, host_port: int
+) -> AsyncIterator[LocalHost]:
+    """The local host running `function_app.py` with `settings` (written to `work/local.settings.json`, mode 0600),
+    its queues created as the deployment creates them."""
+    settings_file = work / "local.settings.json"
+    settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}), encoding="utf-8")
+    settings_file.chmod(0o600)
+    host_options = HostOptions(
+        app_dir=ROOT,
+        settings_file=settings_file,
+        faults=options.profile,
+        http_port=host_port,
+        lease=timedelta(seconds=options.lease_s),
+        drain_timeout=timedelta(seconds=10),
+        state_dir=work / "host",
+        visibility_timeout=(
+            timedelta(seconds=options.visibility_timeout_s) if options.visibility_timeout_s is not None else None
+        ),
+    )
+    for name in (settings["SYNC_QUEUE"], settings["SYNC_QUEUE"] + "-poison"):
+        async with QueueClient.from_connection_string(conn, name) as client:
+            with contextlib.suppress(ResourceExistsError):
+                await client.create_queue()
+    host = LocalHost(host_options)
+    try:
+        await host.start()
+        yield host
+    finally:
+        await host.stop()
+        await close_runtime()
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ from rich.table import Table
 from sandbox.dataverse_sim.schema import TABLES
 from sandbox.dataverse_sim.store import decoded
 from sandbox.platform import Platform
+from shared import dlq
 from shared.odata import literal
 from shared.reconcile.compare import CATEGORIES
 from shared.reconcile.findings import MISMATCHES
@@ -42,19 +43,32 @@ class ReconcileDemo:
                 "first_run": self.first, "second_run": self.second, "ok": self.ok}  # fmt: skip
 
 
-def edit_by_hand(p: Platform) -> dict[tuple[str, str], str]:
-    """Three edits a person makes directly in the CRM; the billing ids of the records they touched."""
+async def edit_by_hand(p: Platform) -> dict[tuple[str, str], str]:
+    """Three edits a person makes directly in the CRM; the billing ids of the records they touched. The records
+    chosen are in step before the edit: none the DLQ holds (the realistic profile has Dataverse reject a few writes),
+    so each edit is the only difference reconcile can find in its record."""
     crm, billing = p.dataverse.store, p.billing.store
+    runtime = await p.runtime()
+    held = {(str(r["entity"]), str(r["record_id"])) for r in await dlq.rows(runtime.tables, dlq.Selection(all=True))}
     ids_by_number = {str(r["number"]): str(r["id"]) for r in billing.get_many("invoices", billing.all_ids("invoices"))}
-    invoices = [decoded(INVOICE, r) for r in crm.query(INVOICE, limit=200)]
-    with_lines = [
-        i for i in invoices if len(_lines(p, str(i["invoiceid"]))) >= 2 and i["invoicenumber"] in ids_by_number
+    candidates = [decoded(INVOICE, r) for r in crm.query(INVOICE, limit=400)]
+    billing_id = {str(i["invoiceid"]): ids_by_number.get(str(i["invoicenumber"]), "") for i in candidates}
+    in_step = [
+        i
+        for i in candidates
+        if billing_id[str(i["invoiceid"])] and ("invoices", billing_id[str(i["invoiceid"])]) not in held
     ]
+    billing_lines = billing.lines_of([billing_id[str(i["invoiceid"])] for i in in_step])
+    with_lines = [
+        i for i in in_step
+        if len(_lines(p, str(i["invoiceid"]))) == len(billing_lines.get(billing_id[str(i["invoiceid"])], [])) >= 2
+    ]  # fmt: skip
     raised, trimmed = with_lines[0], with_lines[1]
     crm.write(INVOICE, {"invoicenumber": raised["invoicenumber"]},
               {"totalamount": raised["totalamount"] + Decimal("250.00")})  # fmt: skip
     crm.delete(LINE, {"bcs_billinglineid": _lines(p, str(trimmed["invoiceid"]))[0]["bcs_billinglineid"]})
-    account = decoded(ACCOUNT, crm.query(ACCOUNT, where='"emailaddress1" IS NOT NULL', limit=1)[0])
+    accounts = [decoded(ACCOUNT, r) for r in crm.query(ACCOUNT, where='"emailaddress1" IS NOT NULL', limit=50)]
+    account = next(a for a in accounts if ("customers", str(a["accountnumber"])) not in held)
     crm.write(ACCOUNT, {"accountnumber": account["accountnumber"]}, {"emailaddress1": "typo@example.invalid"})
     return {
         ("invoices", ids_by_number[str(raised["invoicenumber"])]): "total raised by 250.00",
@@ -76,7 +90,7 @@ async def _rows(p: Platform, query: str) -> dict[tuple[str, str], str]:
 
 
 async def reconcile_phase(p: Platform, console: Console) -> ReconcileDemo:
-    demo = ReconcileDemo(edits=edit_by_hand(p))
+    demo = ReconcileDemo(edits=await edit_by_hand(p))
     console.print("a person edited the CRM by hand: " + "; ".join(f"{k[1]} ({v})" for k, v in demo.edits.items()))
     demo.first = await p.reconcile({})
     # What the first run found, resolved or not: under the realistic profile the host may deliver a reconcile batch
