@@ -288,28 +288,28 @@ def _columns(run: dict[str, Any]) -> list[str]:
         return [*parts, "<p class='muted'>Counted when the run's report is written, once its batches have ended.</p>"]
     if not top:
         return [*parts, "<p class='ok'>No column differs.</p>"]
-    parts.append("<table id='columns'><thead><tr><th>column</th><th class='n'>findings</th></tr></thead><tbody>")
-    parts += [
-        f"<tr><td><code>{escape(str(name))}</code></td><td class='n' data-column='{escape(str(name))}' "
-        f"data-value='{int(n)}'>{int(n):,}</td></tr>"
-        for name, n in top
+    return [*parts, *_counts("columns", ("column", "findings"), [(str(name), int(n)) for name, n in top])]
+
+
+def _counts(kind: str, header: tuple[str, str], items: Sequence[tuple[str, int]]) -> list[str]:
+    """A two-column table of names and counts; each count carries `data-<first header>` and `data-value`."""
+    attribute = header[0]
+    rows = [
+        f"<tr><td><code>{escape(name)}</code></td><td class='n' data-{attribute}='{escape(name)}' "
+        f"data-value='{n}'>{n:,}</td></tr>"
+        for name, n in items
     ]
-    parts.append("</tbody></table>")
-    return parts
+    head = f"<table id='{kind}'><thead><tr><th>{header[0]}</th><th class='n'>{header[1]}</th></tr></thead><tbody>"
+    return [head, *rows, "</tbody></table>"]
 
 
 def _waiting(waiting: Counter[str]) -> list[str]:
     parts = ["<h2>Waiting for an operator: open DLQ rows by reason</h2>"]
     if not waiting:
         return [*parts, "<p id='dlq-none' class='ok'>The DLQ holds no open row.</p>"]
-    parts.append("<table id='dlq'><thead><tr><th>reason</th><th class='n'>open rows</th></tr></thead><tbody>")
-    parts += [
-        f"<tr><td><code>{escape(reason)}</code></td><td class='n' data-reason='{escape(reason)}' "
-        f"data-value='{n}'>{n:,}</td></tr>"
-        for reason, n in sorted(waiting.items(), key=lambda kv: -kv[1])
-    ]
+    parts += _counts("dlq", ("reason", "open rows"), sorted(waiting.items(), key=lambda kv: -kv[1]))
     parts.append(
-        "</tbody></table><p class='muted'>Listed by <code>GET /api/dlq</code>; retried by "
+        "<p class='muted'>Listed by <code>GET /api/dlq</code>; retried by "
         "<code>POST /api/dlq/reprocess</code> (see the operations runbook).</p>"
     )
     return parts
