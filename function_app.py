@@ -33,6 +33,17 @@ async def poison_to_dlq(msg: func.QueueMessage) -> None:
     await poison.handle_poison(await get_runtime(SETTINGS), msg.get_body(), dequeue_count=msg.dequeue_count or 1)
 
 
+@app.queue_trigger(arg_name="msg", queue_name="%SYNC_QUEUE%-reconcile", connection="AzureWebJobsStorage")
+async def reconcile_batch(msg: func.QueueMessage) -> None:
+    await worker.handle(await get_runtime(SETTINGS), msg.get_body(), dequeue_count=msg.dequeue_count or 1)
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%SYNC_QUEUE%-reconcile-poison", connection="AzureWebJobsStorage")
+async def reconcile_poison_to_dlq(msg: func.QueueMessage) -> None:
+    runtime = await get_runtime(SETTINGS)
+    await poison.handle_poison(runtime, msg.get_body(), dequeue_count=msg.dequeue_count or 1, queue="reconcile")
+
+
 @app.timer_trigger(schedule="%RECONCILE_SCHEDULE%", arg_name="timer", use_monitor=True)
 async def reconcile(timer: func.TimerRequest) -> None:
     await reconcile_api.on_timer(await get_runtime(SETTINGS))

@@ -184,7 +184,10 @@ async def one_run(p: Platform, sims: Simulators) -> dict[str, Any]:
     headers = {"x-functions-key": p.settings["SANDBOX_HOST_FUNCTION_KEY"]}
     async with httpx.AsyncClient(base_url=p.host.http_url or "", headers=headers, timeout=120) as http:
         started = time.perf_counter()
-        run_id = (await http.post("/api/reconcile", json={})).json()["run_id"]
+        answer = await http.post("/api/reconcile", json={})
+        if answer.status_code != 202:
+            raise RuntimeError(f"reconcile refused: {answer.status_code} {answer.text[:500]}")
+        run_id = answer.json()["run_id"]
         for _ in range(7200):  # an hour at most
             latest = (await http.get("/api/reconcile/latest")).json()
             if latest["run_id"] == run_id and latest["complete"]:

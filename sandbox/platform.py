@@ -96,12 +96,13 @@ class Platform:
         return sum(listener.in_flight for listener in self.host.queue_listeners)
 
     async def wait_idle(self, *, timeout_s: float = 600, settle_s: float = 1.5) -> None:
-        """Until both queues are empty and nothing runs, for `settle_s` in a row (deferred messages count: they
-        sit invisible in the queue)."""
+        """Until every queue (the sync's, reconcile's and their poison queues) is empty and nothing runs, for
+        `settle_s` in a row (deferred messages count: they sit invisible in the queue)."""
         deadline = time.monotonic() + timeout_s
         quiet_since: float | None = None
+        names = [self.queue_name + suffix for suffix in ("", "-poison", "-reconcile", "-reconcile-poison")]
         while time.monotonic() < deadline:
-            busy = self.in_flight() or await self.queue_depth() or await self.queue_depth(f"{self.queue_name}-poison")
+            busy = self.in_flight() or any([await self.queue_depth(name) for name in names])
             if busy:
                 quiet_since = None
             elif quiet_since is None:
@@ -304,7 +305,7 @@ async def app_host(
             timedelta(seconds=options.visibility_timeout_s) if options.visibility_timeout_s is not None else None
         ),
     )
-    for name in (settings["SYNC_QUEUE"], settings["SYNC_QUEUE"] + "-poison"):
+    for name in (settings["SYNC_QUEUE"] + s for s in ("", "-poison", "-reconcile", "-reconcile-poison")):
         async with QueueClient.from_connection_string(conn, name) as client:
             with contextlib.suppress(ResourceExistsError):
                 await client.create_queue()

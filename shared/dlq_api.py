@@ -117,7 +117,7 @@ async def requeue(runtime: Runtime, rows: list[dict[str, Any]]) -> ReprocessResu
         result.records += len(ids)
     await dlq.mark_requeued(runtime.tables, marked, token)
     for msg in again:
-        await runtime.queue.send_message(msg.body())
+        await runtime.queue_for(msg).send_message(msg.body())
     return result
 
 

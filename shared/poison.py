@@ -19,9 +19,11 @@ from shared.runtime import Runtime
 log = logs.get_logger("shared.poison")
 
 
-async def handle_poison(runtime: Runtime, content: bytes, *, dequeue_count: int = 1) -> str:
-    """A message the host gave up on (`content` as the queue holds it): one DLQ row; returns its RowKey."""
-    runtime.metrics.poison.add(1, {"queue": runtime.settings.queue_name})
+async def handle_poison(runtime: Runtime, content: bytes, *, dequeue_count: int = 1, queue: str = "sync") -> str:
+    """A message the host gave up on (`content` as the queue holds it): one DLQ row; returns its RowKey. `queue`:
+    whose poison queue it came from, the sync's or reconcile's (`<queue>-reconcile-poison`)."""
+    name = runtime.settings.queue_name if queue == "sync" else runtime.settings.reconcile_queue
+    runtime.metrics.poison.add(1, {"queue": name})
     try:
         msg = messages.parse(messages.from_queue(content))
     except MalformedMessage as exc:

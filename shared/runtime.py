@@ -23,6 +23,7 @@ from shared.breaker import BreakerConfig, CircuitBreaker
 from shared.callpolicy import Answered, Hooks, RetryPolicy
 from shared.dataverse.client import Credential, DataverseClient, DataverseClientConfig, ProtectionLimits
 from shared.errors import SilentThrottleError
+from shared.messages import SyncMessage
 from shared.settings import Settings
 from shared.state import StateTables
 from shared.telemetry import Instruments, instruments
@@ -36,12 +37,17 @@ class Runtime:
     tables: StateTables
     queue: QueueClient
     poison: QueueClient
+    reconcile_queue: QueueClient  # reconcile's batches: they yield to the sync's queue
     billing: BillingClient
     dataverse: DataverseClient
     billing_breaker: CircuitBreaker
     dataverse_breaker: CircuitBreaker
     metrics: Instruments
     blobs: BlobServiceClient  # the reconcile reports (container `reports`)
+
+    def queue_for(self, msg: SyncMessage) -> QueueClient:
+        """The queue a message belongs on: reconcile's (`reconcile`, `orphans`) or the sync's."""
+        return self.queue if msg.kind == "sync" else self.reconcile_queue
 
     async def aclose(self) -> None:
         await self.billing.aclose()
@@ -54,6 +60,7 @@ class Runtime:
                     await result
         await self.queue.close()
         await self.poison.close()
+        await self.reconcile_queue.close()
         await self.tables.close()
         await self.blobs.close()
 
@@ -198,15 +205,18 @@ async def build(settings: Settings) -> Runtime:
     billing_retry, dataverse_retry = retry_policies(settings)
     metrics = instruments()
     queue, poison = _queue(settings, settings.queue_name), _queue(settings, settings.poison_queue)
-    for client in (queue, poison):
+    reconcile_queue = _queue(settings, settings.reconcile_queue)
+    for client in (queue, poison, reconcile_queue):
         with contextlib.suppress(ResourceExistsError):
             await client.create_queue()
-    metrics.poison.add(0, {"queue": settings.queue_name})  # report zero, not nothing: alerts tell the two apart
+    for name in (settings.queue_name, settings.reconcile_queue):  # report zero, not nothing: alerts tell them apart
+        metrics.poison.add(0, {"queue": name})
     return Runtime(
         settings=settings,
         tables=tables,
         queue=queue,
         poison=poison,
+        reconcile_queue=reconcile_queue,
         billing=_billing(settings, billing_breaker, billing_retry, metrics),
         dataverse=_dataverse(settings, dataverse_breaker, dataverse_retry, metrics),
         billing_breaker=billing_breaker,

@@ -176,8 +176,8 @@ class Settings(BaseSettings):
     @field_validator("queue_name")
     @classmethod
     def _queue(cls, value: str) -> str:
-        if not _QUEUE.match(value) or len(value) > 56:
-            raise ValueError("must be 3-56 lowercase letters, digits and single hyphens (room for '-poison')")
+        if not _QUEUE.match(value) or len(value) > 46:
+            raise ValueError("must be 3-46 lowercase letters, digits and single hyphens (room for '-reconcile-poison')")
         return value
 
     @field_validator("table_prefix")
@@ -253,6 +253,11 @@ class Settings(BaseSettings):
     @property
     def poison_queue(self) -> str:
         return f"{self.queue_name}-poison"
+
+    @property
+    def reconcile_queue(self) -> str:
+        """Reconcile's own queue, so that its batches can yield to the sync's backlog (`shared.worker`)."""
+        return f"{self.queue_name}-reconcile"
 
 
 def _pairs(text: str) -> dict[str, str] | None:

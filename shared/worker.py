@@ -36,7 +36,9 @@ from shared.writes import write_records
 log = logs.get_logger("shared.worker")
 MIN_DEFER_S = 5
 MAX_DEFER_S = 300
-YIELD_S = 60  # how long a reconcile batch waits while fan-out lists
+YIELD_S = 60  # how long a reconcile batch waits while the sync is busy
+SYNC_BACKLOG = 20  # messages on the sync's queue (in flight included) past which reconcile yields: about one
+# instance's worth of batches (host.json: 16 at once); a webhook's trickle stays under it
 
 
 @dataclass
@@ -117,7 +119,7 @@ async def _malformed(runtime: Runtime, content: bytes, reason: str) -> BatchResu
 
 
 def _waited_for(exc: CircuitOpenError) -> str:
-    return "fan-out was listing (reconcile yields)" if isinstance(exc, SyncBusy) else f"{exc.system} was unavailable"
+    return "the sync was busy (reconcile yields)" if isinstance(exc, SyncBusy) else f"{exc.system} was unavailable"
 
 
 async def _defer(runtime: Runtime, msg: SyncMessage, exc: CircuitOpenError) -> BatchResult:
@@ -141,7 +143,7 @@ async def _defer(runtime: Runtime, msg: SyncMessage, exc: CircuitOpenError) -> B
         await state.record_batch(runtime.tables, msg.run_id, msg.batch_id, status="dead-lettered", ids=len(msg.ids))
         return result
     delay = int(min(MAX_DEFER_S, max(MIN_DEFER_S, exc.retry_after or MIN_DEFER_S)))
-    await runtime.queue.send_message(msg.deferred().body(), visibility_timeout=delay)
+    await runtime.queue_for(msg).send_message(msg.deferred().body(), visibility_timeout=delay)
     log.warning("batch %s deferred %d s (%s)", msg.batch_id, delay, exc)
     await state.record_batch(
         runtime.tables, msg.run_id, msg.batch_id, ids=len(msg.ids), deferrals=msg.deferrals + 1, **result.as_row()
@@ -154,16 +156,26 @@ async def _defer(runtime: Runtime, msg: SyncMessage, exc: CircuitOpenError) -> B
 
 async def _reconcile(runtime: Runtime, msg: SyncMessage) -> BatchResult:
     """A reconcile or orphans message (`shared.reconcile`): compared, recorded, healed through the sync; no CRM write
-    here. It yields while fan-out is listing: the sync's messages share the queue and the CRM's budget, and go
-    first."""
-    listing = [e for e in runtime.settings.entity_list if (await state.read_checkpoint(runtime.tables, e)).run_id]
-    if listing:
-        raise SyncBusy(f"reconcile yields: fan-out is listing {', '.join(listing)}", system="the sync",
-                       retry_after=YIELD_S)  # fmt: skip
+    here. It yields to the sync, which shares the CRM's budget and goes first: while fan-out is listing, or while
+    more than SYNC_BACKLOG messages wait on the sync's queue, the batch is deferred (`_defer`)."""
+    busy = await _sync_busy(runtime)
+    if busy:
+        raise SyncBusy(f"reconcile yields: {busy}", system="the sync", retry_after=YIELD_S)
     found = await reconcile_batch.handle(runtime, msg)
     log.info("reconcile batch %s of run %s: %d %s compared, %d differ", msg.batch_id, msg.run_id, found.compared,
              msg.entity, found.mismatched)  # fmt: skip
     return BatchResult(msg.entity)
+
+
+async def _sync_busy(runtime: Runtime) -> str:
+    """Why reconcile should wait for the sync now, or "" (two checkpoint reads and one queue-properties read)."""
+    listing = [e for e in runtime.settings.entity_list if (await state.read_checkpoint(runtime.tables, e)).run_id]
+    if listing:
+        return f"fan-out is listing {', '.join(listing)}"
+    waiting = int((await runtime.queue.get_queue_properties()).approximate_message_count or 0)
+    if waiting > SYNC_BACKLOG:
+        return f"the sync's queue holds {waiting} messages"
+    return ""
 
 
 async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:

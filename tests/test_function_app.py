@@ -41,6 +41,8 @@ def test_functions_are_registered_with_their_triggers(app_module: Any) -> None:
     assert trigger["fan_out"]["schedule"] == "%SYNC_SCHEDULE%"
     assert trigger["sync_batch"]["queueName"] == "%SYNC_QUEUE%"
     assert trigger["poison_to_dlq"]["queueName"] == "%SYNC_QUEUE%-poison"
+    assert trigger["reconcile_batch"]["queueName"] == "%SYNC_QUEUE%-reconcile"
+    assert trigger["reconcile_poison_to_dlq"]["queueName"] == "%SYNC_QUEUE%-reconcile-poison"
     assert (trigger["reconcile"]["type"], trigger["reconcile"]["schedule"]) == ("timerTrigger", "%RECONCILE_SCHEDULE%")
     routes = {
         name: (t["route"], t["methods"], t["authLevel"]) for name, t in trigger.items() if t["type"] == "httpTrigger"

@@ -6,7 +6,7 @@ param location string
 param tags object
 @description('Blob container that holds the Flex Consumption deployment package.')
 param deploymentContainerName string
-@description('The work queue; its poison queue is <name>-poison.')
+@description('The work queue; its poison queue is <name>-poison; reconcile\'s are <name>-reconcile and <name>-reconcile-poison.')
 param queueName string
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
@@ -72,6 +72,24 @@ resource workQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-
 resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
   parent: queues
   name: '${queueName}-poison'
+}
+
+// Reconcile's batches have a queue of their own, so that they can yield to the sync's backlog.
+resource reconcileQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queues
+  name: '${queueName}-reconcile'
+}
+
+resource reconcilePoisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queues
+  name: '${queueName}-reconcile-poison'
+}
+
+// The reconcile reports (CSV files, shared/reconcile/report.py); the app would create it, the deployment says so.
+resource reports 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobs
+  name: 'reports'
+  properties: { publicAccess: 'None' }
 }
 
 output id string = storage.id

@@ -113,7 +113,7 @@ async def _crm_keys(runtime: Runtime, run: Started, deadline: float) -> None:
 async def _send(runtime: Runtime, run: Started, entity: Entity, ids: list[str], *, kind: str = "reconcile") -> None:
     for msg in messages.split(entity, ids, size=runtime.settings.batch_size, run_id=run.run_id, source="reconcile",
                               kind=kind, dry_run=run.dry_run):  # fmt: skip
-        await runtime.queue.send_message(msg.body())
+        await runtime.reconcile_queue.send_message(msg.body())
         run.messages += 1
     if kind == "reconcile":
         run.listed[entity] += len(ids)

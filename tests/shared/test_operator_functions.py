@@ -163,16 +163,37 @@ async def test_dlq_rows_hold_no_raw_control_characters(runtime: Runtime) -> None
     assert "a***@example.com" in " ".join(texts)
 
 
-async def test_a_reconcile_batch_yields_while_fan_out_is_listing(runtime: Runtime) -> None:
-    """The sync's messages share the queue and the CRM's budget: a reconcile batch waits (deferred, no dequeue
-    budget spent) while a listing is under way, and nothing of it is compared or written meanwhile."""
+async def test_a_reconcile_batch_yields_while_fan_out_is_listing(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sync shares the CRM's budget and goes first: a reconcile batch waits (deferred on its own queue, no
+    dequeue budget spent) while a listing is under way, and nothing of it is compared or written meanwhile."""
     cp = await state.read_checkpoint(runtime.tables, "invoices")
     cp.run_id = "run-listing"
     cp = await state.write_checkpoint(runtime.tables, cp)
+    await assert_deferred(runtime, caplog, "fan-out is listing invoices")
+
+
+async def test_a_reconcile_batch_yields_while_the_sync_has_a_backlog(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    for n in range(worker.SYNC_BACKLOG + 1):
+        await runtime.queue.send_message(
+            messages.build("invoices", [f"in_{n}"], run_id="run-s", source="fanout").body()
+        )
+    await assert_deferred(runtime, caplog, f"the sync's queue holds {worker.SYNC_BACKLOG + 1} messages")
+
+
+async def assert_deferred(runtime: Runtime, caplog: pytest.LogCaptureFixture, why: str) -> None:
+    sync_before = (await runtime.queue.get_queue_properties()).approximate_message_count
     msg = messages.build("invoices", ["in_1"], run_id="run-r", source="reconcile", kind="reconcile")
     result = await worker.handle(runtime, on_queue(msg.body().encode()))
-    props = await runtime.queue.get_queue_properties()
     batches = await runtime.tables.table("reconcileruns")
     assert (result.outcome, result.counts["deferred"]) == ("deferred", 1)
-    assert props.approximate_message_count == 1  # sent again, invisible for a while, with its deferral counted
+    props = await runtime.reconcile_queue.get_queue_properties()
+    assert props.approximate_message_count == 1  # sent again on its own queue, invisible for a while
+    assert (await runtime.queue.get_queue_properties()).approximate_message_count == sync_before
     assert [row async for row in batches.list_entities()] == []
+    run = [r async for r in state.run_batches(runtime.tables, "run-r")]
+    assert [r["deferrals"] for r in run] == [1]
+    assert f"reconcile yields: {why}" in caplog.text
