@@ -128,3 +128,5 @@ def _print(demo: ReconcileDemo, console: Console) -> None:
     console.print(
         "[green]every hand edit found by name and healed[/]" if demo.ok else "[red]reconcile missed an edit[/]"
     )
+    console.print(f"  CSV reports: {demo.first.get('report')}, {demo.second.get('report')} (blob container "
+                  "'reports'; the page: GET /api/report)")  # fmt: skip

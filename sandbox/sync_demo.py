@@ -384,3 +384,5 @@ def _print_keep(p: Platform, console: Console) -> None:
     console.print(f"  billing         {p.billing.url}  (settings in {p.work_dir / 'local.settings.json'})")
     console.print(f"  Dataverse       {p.dataverse.url}  (CA {p.dataverse.tls.ca_pem})")
     console.print(f"  AzureWebJobsStorage={p.conn}")
+    key = p.settings["SANDBOX_HOST_FUNCTION_KEY"]
+    console.print(f"  reconcile report page: {p.host.http_url}/api/report?code={key}  (open it in a browser)")
