@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from shared.billing.models import Customer, Invoice
 from shared.dataverse.client import UpsertRow
-from shared.mapping import content_hash, customer_row, invoice_rows
+from shared.mapping import LINE_MAP, content_hash, customer_row, invoice_rows
 from shared.state import SyncedHash
 
 
@@ -30,10 +30,11 @@ class Planned:
     version: int
     hash: str
     rows: tuple[UpsertRow, ...]
+    lines: tuple[str, ...] | None = None  # an invoice's line keys (None for an account)
 
     @property
     def synced(self) -> SyncedHash:
-        return SyncedHash(self.record_id, self.hash, self.version)
+        return SyncedHash(self.record_id, self.hash, self.version, lines=self.lines)
 
 
 @dataclass
@@ -46,10 +47,11 @@ class Plan:
 def planned(record: Customer | Invoice) -> Planned:
     if isinstance(record, Customer):
         rows: tuple[UpsertRow, ...] = (customer_row(record),)
-    else:
-        invoice, lines = invoice_rows(record)
-        rows = (invoice, *lines)
-    return Planned(record.id, record.version, content_hash(list(rows)), rows)
+        return Planned(record.id, record.version, content_hash(list(rows)), rows)
+    invoice, lines = invoice_rows(record)
+    rows = (invoice, *lines)
+    keys = tuple(str(line.key[LINE_MAP.key.column]) for line in lines)
+    return Planned(record.id, record.version, content_hash(list(rows)), rows, keys)
 
 
 def plan_records(records: Mapping[str, Customer | Invoice], stored: Mapping[str, SyncedHash], *, force: bool) -> Plan:

@@ -4,7 +4,7 @@
 |---|---|---|---|
 | `syncstate` | `watermark` | entity | watermark, the open run and its cursor checkpoint |
 | `syncruns` | `run` / run id | run id / batch id | the run ledger: a row per run, a row per batch (counts, error) |
-| `synchashes` | entity + one hex digit | record id | content hash and source version last written |
+| `synchashes` | entity + one hex digit | record id | hash, source version and (invoices) line keys last written |
 | `deadletters` | `record-<entity>` / `message` | record id / message key | the DLQ (see `shared.dlq`) |
 | `breakers` | `breaker` | system | circuit breaker state (`shared.breaker`) |
 | `webhookevents` | `event` | event id (or signed-bytes digest) | webhook events accepted lately: replays refused |
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -283,6 +284,20 @@ class SyncedHash:
     hash: str
     version: int
     etag: str | None = None  # as read: a write of this record is conditional on it
+    lines: tuple[str, ...] | None = None  # an invoice's line keys as last written; None: not known (read the CRM)
+
+
+MAX_LINES_TEXT = 30_000  # `lines` as JSON in one Table string property (32K UTF-16 units); longer is not kept
+
+
+def _lines(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    try:
+        lines = json.loads(str(value))
+    except ValueError:
+        return None
+    return tuple(str(line) for line in lines) if isinstance(lines, list) else None
 
 
 async def read_hashes(tables: StateTables, entity: str, ids: Iterable[str]) -> dict[str, SyncedHash]:
@@ -293,14 +308,18 @@ async def read_hashes(tables: StateTables, entity: str, ids: Iterable[str]) -> d
     for record_id in dict.fromkeys(ids):
         by_partition.setdefault(hash_partition(entity, record_id), []).append(row_key(record_id))
     found = await asyncio.gather(
-        *(query_keys(table, p, keys, select=["RowKey", "hash", "version"]) for p, keys in by_partition.items())
+        *(query_keys(table, p, keys, select=["RowKey", "hash", "version", "lines"]) for p, keys in by_partition.items())
     )
     out: dict[str, SyncedHash] = {}
     for rows in found:
         for key, row in rows.items():
             record_id = from_row_key(key)
             out[record_id] = SyncedHash(
-                record_id, str(row.get("hash") or ""), int(row.get("version") or 0), row.get("__etag")
+                record_id,
+                str(row.get("hash") or ""),
+                int(row.get("version") or 0),
+                row.get("__etag"),
+                _lines(row.get("lines")),
             )
     return out
 
@@ -321,6 +340,9 @@ async def write_hashes(
     for h in new:
         row = {"PartitionKey": hash_partition(entity, h.record_id), "RowKey": row_key(h.record_id), "hash": h.hash,
                "version": h.version, "synced_at": now}  # fmt: skip
+        lines = json.dumps(list(h.lines)) if h.lines is not None else ""
+        if lines and len(lines) <= MAX_LINES_TEXT:
+            row["lines"] = lines
         old = before.get(h.record_id)
         by_partition.setdefault(str(row["PartitionKey"]), []).append(
             _HashWrite(h.record_id, row, old.etag if old else None)

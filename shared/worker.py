@@ -192,7 +192,8 @@ async def _sync(runtime: Runtime, msg: SyncMessage) -> BatchResult:
         await _ensure_accounts(runtime, records, msg, result, done)
     decided = plan.plan_records(records, before, force=msg.force)
     result.counts.update(unchanged=len(decided.unchanged), stale=len(decided.stale))
-    written = await write_records(runtime.dataverse, msg.entity, decided.write)
+    known = {} if msg.force else {i: h.lines for i, h in before.items() if h.lines is not None}
+    written = await write_records(runtime.dataverse, msg.entity, decided.write, known_lines=known)
     result.counts.update(written=len(written.written), rejected=len(written.rejected), failed=len(written.failed))
     result.failed = written.failed
     done.failures += written.rejected

@@ -1,7 +1,11 @@
 """The batch worker's writes to the CRM: planned records upserted by alternate key, each with a typed outcome.
 
 Accounts and invoices go as `UpsertMultiple`; an invoice's lines go as `$batch` upserts once the invoice is
-written, and the CRM lines that billing no longer has are deleted. A record ends in exactly one of:
+written, and the CRM lines that billing no longer has are deleted. Which lines those are is known without reading
+the CRM when this product wrote the invoice before: the line keys it was last written with are kept beside its hash
+(`state.SyncedHash.lines`), and the keys no longer there are deleted by key. The CRM's lines are read only for an
+invoice written for the first time (a first sync over an existing CRM) or forced (a reconcile heal: a line a person
+added in the CRM is known only to the CRM). A record ends in exactly one of:
 
 - `written`: its row (and every line) was upserted;
 - `rejected`: Dataverse refused its row or one of its lines (a business rule, a column too long): a DLQ row;
@@ -11,7 +15,7 @@ written, and the CRM lines that billing no longer has are deleted. A record ends
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +40,15 @@ class Written:
     record_ids: dict[str, str] = field(default_factory=dict)  # billing id -> the CRM's record id, where answered
 
 
-async def write_records(dataverse: DataverseClient, entity: str, plans: Sequence[Planned]) -> Written:
-    """Upsert the planned records (and, for invoices, their lines)."""
+async def write_records(
+    dataverse: DataverseClient,
+    entity: str,
+    plans: Sequence[Planned],
+    *,
+    known_lines: Mapping[str, tuple[str, ...]] | None = None,
+) -> Written:
+    """Upsert the planned records (and, for invoices, their lines). `known_lines`: the line keys each invoice was last
+    written with, where known (the others' CRM lines are read to find the removed ones)."""
     out = Written()
     if not plans:
         return out
@@ -55,7 +66,7 @@ async def write_records(dataverse: DataverseClient, entity: str, plans: Sequence
             if outcome.record_id:
                 out.record_ids[plan.record_id] = outcome.record_id
     if entity == "invoices" and out.written:
-        await _write_lines(dataverse, out)
+        await _write_lines(dataverse, out, known_lines or {})
     return out
 
 
@@ -66,7 +77,7 @@ def rejection(entity: str, record_id: str, outcome: RowOutcome) -> dlq.RecordFai
     return dlq.RecordFailure(entity, record_id, "rejected", reason, error)
 
 
-async def _write_lines(dataverse: DataverseClient, out: Written) -> None:
+async def _write_lines(dataverse: DataverseClient, out: Written, known: Mapping[str, tuple[str, ...]]) -> None:
     """Upsert every line of the written invoices, then delete the CRM lines that billing no longer has. An invoice
     with a refused line moves from written to rejected (the line named)."""
     owner = {row.key_tuple: plan.record_id for plan in out.written for row in plan.rows[1:]}
@@ -83,10 +94,28 @@ async def _write_lines(dataverse: DataverseClient, out: Written) -> None:
             )
         elif outcome.status == "failed":
             out.failed.append(outcome.error or {"message": "line not written"})
-    with_ids = [p for p in out.written if p.record_id in out.record_ids]
-    out.failed += await _delete_removed_lines(dataverse, with_ids, out.record_ids)
+    out.failed += await _delete_known_removed(dataverse, [p for p in out.written if p.record_id in known], known)
+    unknown = [p for p in out.written if p.record_id not in known and p.record_id in out.record_ids]
+    out.failed += await _delete_removed_lines(dataverse, unknown, out.record_ids)
     out.written = [p for p in out.written if p.record_id not in bad]
     out.rejected += bad.values()
+
+
+async def _delete_known_removed(
+    dataverse: DataverseClient, invoices: list[Planned], known: Mapping[str, tuple[str, ...]]
+) -> list[dict[str, Any]]:
+    """Delete, by key, the lines an invoice was last written with that billing no longer has: no read."""
+    key_column = LINE_MAP.key.column
+    failed: list[dict[str, Any]] = []
+    for plan in invoices:
+        for line_id in sorted(set(known[plan.record_id]) - set(plan.lines or ())):
+            try:
+                await dataverse.delete(INVOICE_LINES, {key_column: line_id})
+            except TransientError as exc:
+                failed.append(exc.to_dict())
+                continue
+            log.info("line %s removed at the source: deleted from the CRM", line_id)
+    return failed
 
 
 async def _delete_removed_lines(

@@ -148,6 +148,7 @@ async def test_hand_edits_are_found_by_key_healed_and_gone_in_the_next_run(synce
     month = report.previous_month(datetime.fromisoformat(first["started_at"]))  # the month before the run's
     assert (await get(p, "/api/report/csv", name=f"reconcile/monthly-{month}.csv")).status_code == 200
     assert (await get(p, "/api/report/csv", name="../secrets.csv")).status_code == 400
+    assert (await get(p, "/api/report/csv", name="reconcile/2000-01-01-none.csv")).status_code == 404
     await check_report_page(p, first)
     assert first["entities"]["invoices"]["healed"] == 5
     assert first["entities"]["customers"]["categories"]["orphan_in_crm"] == 1

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -114,6 +115,7 @@ async def test_the_same_full_sync_twice_writes_nothing_the_second_time(quiet: Pl
     p = quiet
     await p.sync_until_complete(timeout_s=120)
     written = p.dataverse.simulator.stats.records_written
+    reads_after_first = line_reads(p)
     runtime = await p.runtime()
     table = await runtime.tables.table("syncstate")
     async for row in table.list_entities():
@@ -124,6 +126,49 @@ async def test_the_same_full_sync_twice_writes_nothing_the_second_time(quiet: Pl
         assert totals["written"] == 0
         assert totals["unchanged"] + totals["invalid"] == int(run["listed"]) > 0
     assert p.dataverse.simulator.stats.records_written == written
+    assert line_reads(p) == reads_after_first  # nothing written, nothing read
+
+
+def line_reads(p: Platform) -> int:
+    """Reads of the CRM's invoice lines so far (the Dataverse simulator's request log)."""
+    return sum(
+        sum(codes.values())
+        for route, codes in p.dataverse.simulator.stats.requests.items()
+        if route.startswith("GET") and "invoicedetails" in route
+    )
+
+
+class LineRemoval(random.Random):
+    """The billing simulator's users, removing one line of an invoice and changing nothing else."""
+
+    def choice(self, seq: Any) -> Any:
+        return "remove_line" if "remove_line" in seq else super().choice(seq)
+
+
+async def test_an_invoice_written_before_loses_a_removed_line_without_a_read_of_its_crm_lines(quiet: Platform) -> None:
+    """The line keys an invoice was written with are kept beside its hash: a line billing removed is deleted by key,
+    and the CRM's lines are not read (before, every written invoice's lines were read: one request per 25)."""
+    p = quiet
+    await p.sync_until_complete(timeout_s=120)
+    billing = p.billing.store
+    ids = billing.all_ids("invoices")
+    lines = billing.lines_of(ids)
+    unpaid = [r["id"] for r in billing.get_many("invoices", ids) if r["status"] != "paid" and len(lines[r["id"]]) >= 2]
+    chosen = [
+        i for i in unpaid if crm_row(p, "invoice", {"invoicenumber": billing.get_many("invoices", [i])[0]["number"]})
+    ][:3]
+    assert len(chosen) == 3
+    before = {i: {str(line["id"]) for line in lines[i]} for i in chosen}
+    billing.mutate("invoices", chosen, LineRemoval(5))
+    after = {i: {str(line["id"]) for line in billing.lines_of([i])[i]} for i in chosen}
+    removed = {line for i in chosen for line in before[i] - after[i]}
+    assert len(removed) == 3
+    reads = line_reads(p)
+    await p.sync_until_complete(timeout_s=120, settle=True)
+    assert line_reads(p) == reads
+    in_crm = {str(r["bcs_billinglineid"]) for r in p.dataverse.store.query(TABLES["invoicedetail"])}
+    assert not removed & in_crm
+    assert set().union(*after.values()) <= in_crm
 
 
 async def test_an_older_version_delivered_after_a_newer_one_does_not_overwrite_it(quiet: Platform) -> None:

@@ -101,3 +101,21 @@ def test_every_record_id_has_exactly_one_table_key_and_it_reads_back(record_id: 
     assert not set(key) & set("/\\#?")
     assert all(ord(c) >= 32 for c in key)
     assert state.from_row_key(key) == record_id
+
+
+async def test_an_invoices_line_keys_are_kept_with_its_hash_and_unknown_when_not_given_or_too_long(conn: str) -> None:
+    tables = tables_for(conn)
+    many = tuple(f"il_{n:08d}_{'x' * 40}" for n in range(1000))  # over 30,000 characters as JSON
+    try:
+        await state.write_hashes(tables, "invoices", [
+            SyncedHash("two", "h", 1, lines=("il_1", "il_2")), SyncedHash("none", "h", 1, lines=()),
+            SyncedHash("unknown", "h", 1), SyncedHash("many", "h", 1, lines=many),
+        ], {})  # fmt: skip
+        stored = await state.read_hashes(tables, "invoices", ["two", "none", "unknown", "many"])
+        await state.write_hashes(tables, "invoices", [SyncedHash("two", "h2", 2)], stored)  # written without lines
+        again = await state.read_hashes(tables, "invoices", ["two"])
+    finally:
+        await tables.close()
+    assert {i: h.lines for i, h in stored.items()} == {"two": ("il_1", "il_2"), "none": (), "unknown": None,
+                                                       "many": None}  # fmt: skip
+    assert again["two"].lines is None  # the row is replaced: stale line keys never linger
