@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from shared import clock, dlq, health, logs, messages, state
+from shared import clock, coalesce, dlq, health, logs, messages, state
 from shared.billing.listing import ChangeListing, ListingPosition
 from shared.billing.models import Entity
 from shared.errors import CircuitOpenError, ContractError
@@ -79,6 +79,7 @@ async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[Fa
     finally:
         await health.observe(runtime)  # the gauges the alerts read: DLQ depth, breaker states, lag
         await _forget_webhook_events(runtime)
+        await _forget_webhook_windows(runtime)
         await _write_reports(runtime)
     if failures:
         raise FanoutFailed("fan-out failed for " + "; ".join(failures))
@@ -94,6 +95,15 @@ async def _forget_webhook_events(runtime: Runtime) -> None:
         await state.forget_events(runtime.tables, older_than_s=2 * runtime.settings.webhook_tolerance_s + 60)
     except Exception as exc:  # noqa: BLE001 - housekeeping: the next tick tries again
         log.warning("fan-out: old webhook events not forgotten (%s: %s); the next tick tries again",
+                    type(exc).__name__, exc)  # fmt: skip
+
+
+async def _forget_webhook_windows(runtime: Runtime) -> None:
+    """Webhook windows left undrained for an hour (`shared.coalesce`): their drain is in the DLQ."""
+    try:
+        await coalesce.purge(runtime)
+    except Exception as exc:  # noqa: BLE001 - housekeeping: the next tick tries again
+        log.warning("fan-out: old webhook windows not forgotten (%s: %s); the next tick tries again",
                     type(exc).__name__, exc)  # fmt: skip
 
 

@@ -34,7 +34,7 @@ RECORD_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,100}$"
 TOKEN_PATTERN = r"^[0-9a-f]{32}$"  # noqa: S105 - the shape of a token, not one
 Entity = Literal["customers", "invoices"]
 Source = Literal["fanout", "webhook", "reprocess", "repair", "reconcile"]
-Kind = Literal["sync", "reconcile", "orphans"]
+Kind = Literal["sync", "reconcile", "orphans", "webhooks"]
 
 
 class MalformedMessage(ValueError):
@@ -64,7 +64,8 @@ class SyncMessage(BaseModel):
     deferrals: Annotated[int, Field(ge=0)] = 0
     force: bool = False  # write even when the stored hash matches (repairs after a concurrent write)
     dlq_token: Annotated[str, Field(pattern=TOKEN_PATTERN)] | None = None  # set by reprocess only
-    kind: Kind = "sync"  # reconcile: compare with the CRM (shared.reconcile); orphans: CRM keys billing may lack
+    kind: Kind = "sync"  # reconcile: compare with the CRM (shared.reconcile); orphans: CRM keys billing may lack;
+    # webhooks: `ids` holds one window's key, whose changed ids wait in `webhookpending` (shared.coalesce)
     dry_run: bool = False
 
     def body(self) -> str:

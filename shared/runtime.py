@@ -46,8 +46,8 @@ class Runtime:
     blobs: BlobServiceClient  # the reconcile reports (container `reports`)
 
     def queue_for(self, msg: SyncMessage) -> QueueClient:
-        """The queue a message belongs on: reconcile's (`reconcile`, `orphans`) or the sync's."""
-        return self.queue if msg.kind == "sync" else self.reconcile_queue
+        """The queue a message belongs on: reconcile's (`reconcile`, `orphans`) or the sync's (the others)."""
+        return self.reconcile_queue if msg.kind in ("reconcile", "orphans") else self.queue
 
     async def aclose(self) -> None:
         await self.billing.aclose()

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     billing_ca_bundle: Annotated[str | None, Field(validation_alias=_env("BILLING_CA_BUNDLE"))] = None
     webhook_secret: Annotated[SecretStr | None, Field(validation_alias=_env("BILLING_WEBHOOK_SECRET"))] = None
     webhook_tolerance_s: Annotated[int, Field(ge=10, le=3600, validation_alias=_env("WEBHOOK_TOLERANCE_SECONDS"))] = 300
+    webhook_coalesce_s: Annotated[float, Field(ge=0, le=60, validation_alias=_env("WEBHOOK_COALESCE_SECONDS"))] = 2.0
 
     # ---- Dataverse ----
     dataverse_url: Annotated[str, Field(validation_alias=_env("DATAVERSE_URL"))]

@@ -8,6 +8,7 @@
 | `deadletters` | `record-<entity>` / `message` | record id / message key | the DLQ (see `shared.dlq`) |
 | `breakers` | `breaker` | system | circuit breaker state (`shared.breaker`) |
 | `webhookevents` | `event` | event id (or signed-bytes digest) | webhook events accepted lately: replays refused |
+| `webhookpending` | `<entity>-<n>` / `window` | record id / window | webhook changes waiting; windows claimed |
 | `mismatches` | entity | record id | what reconcile found differing (`shared.reconcile.findings`) |
 | `reconcileruns` | `run` / run id | run id / batch id | reconcile's runs and batches |
 
@@ -48,7 +49,7 @@ from shared.tablerow import from_row, to_row
 
 MAX_TRANSACTION = 100
 FILTER_KEYS = 15  # Table queries allow at most 15 discrete comparisons
-TABLES = ("syncstate", "syncruns", "synchashes", "deadletters", "breakers", "webhookevents")
+TABLES = ("syncstate", "syncruns", "synchashes", "deadletters", "breakers", "webhookevents", "webhookpending")
 _FORBIDDEN = set("/\\#?%")
 # The Tables SDK sends a request again after a dropped connection for GET, PUT and DELETE only. A transaction is a
 # POST; sending one again is safe here: its writes are conditional, so one applied twice ends as conflicts, which

@@ -1,4 +1,5 @@
-"""The billing platform's change events (HTTP `POST /api/webhooks/billing`): verified, then enqueued at once.
+"""The billing platform's change events (HTTP `POST /api/webhooks/billing`): verified, then coalesced into a window
+of the entity's changes (`shared.coalesce`: one sync a window, `WEBHOOK_COALESCE_SECONDS`), or with 0 enqueued at once.
 
 The platform signs `"<timestamp>.<body>"` with HMAC-SHA256 and sends `X-Billing-Timestamp` (unix seconds) and
 `X-Billing-Signature: v1=<hex>` (several comma-separated during a key rotation). We accept the event when any `v1`
@@ -21,7 +22,7 @@ from typing import Annotated, Any
 import azure.functions as func
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared import inputs, logs, messages, state
+from shared import coalesce, inputs, logs, messages, state
 from shared.clock import utcnow
 from shared.messages import Entity
 from shared.responses import error_response, json_response
@@ -146,7 +147,10 @@ async def receive(runtime: Runtime, req: func.HttpRequest) -> func.HttpResponse:
         runtime.metrics.webhooks.add(1, {"outcome": "replayed"})
         log.warning("webhook event %s received again within its tolerance window: not enqueued", event.event_id)
         return json_response({"accepted": False, "reason": "event already received"}, 200)
+    runtime.metrics.webhooks.add(1, {"outcome": "accepted"})
+    if runtime.settings.webhook_coalesce_s > 0:
+        window = await coalesce.add(runtime, event.entity, event.record_id)
+        return json_response({"accepted": True, "window": window}, 202)
     msg = message_for(event)
     await runtime.queue.send_message(msg.body())
-    runtime.metrics.webhooks.add(1, {"outcome": "accepted"})
     return json_response({"accepted": True, "batch_id": msg.batch_id}, 202)

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import dlq, ledger, logs, messages, plan, state
+from shared import coalesce, dlq, ledger, logs, messages, plan, state
 from shared.billing.models import Customer, Invoice
 from shared.errors import CircuitOpenError, InvalidRecord, SyncBusy, TransientError
 from shared.messages import MalformedMessage, SyncMessage
@@ -37,8 +37,8 @@ log = logs.get_logger("shared.worker")
 MIN_DEFER_S = 5
 MAX_DEFER_S = 300
 YIELD_S = 60  # how long a reconcile batch waits while the sync is busy
-SYNC_BACKLOG = 20  # messages on the sync's queue (in flight included) past which reconcile yields: about one
-# instance's worth of batches (host.json: 16 at once); a webhook's trickle stays under it
+SYNC_BACKLOG = 20  # messages on the sync's queue (in flight included) past which reconcile yields: more than one
+# instance runs at once (host.json: batchSize 8 + newBatchThreshold 4); a webhook's trickle stays under it
 
 
 @dataclass
@@ -73,7 +73,7 @@ async def handle(runtime: Runtime, content: bytes, *, dequeue_count: int = 1) ->
         "batch %s of run %s: %d %s (delivery %d)", msg.batch_id, msg.run_id, len(msg.ids), msg.entity, dequeue_count
     )
     try:
-        result = await (_sync(runtime, msg) if msg.kind == "sync" else _reconcile(runtime, msg))
+        result = await _dispatch(runtime, msg)
     except CircuitOpenError as exc:
         result = await _defer(runtime, msg, exc)
     except Exception as exc:
@@ -101,6 +101,33 @@ async def _failed(
     await ledger.record_failure(runtime, msg, exc, dequeue_count)
     runtime.metrics.batches.add(1, {"entity": msg.entity, "outcome": "failed"})
     _emit_records(runtime, msg.entity, counts)
+
+
+async def _dispatch(runtime: Runtime, msg: SyncMessage) -> BatchResult:
+    if msg.kind == "sync":
+        return await _sync(runtime, msg)
+    if msg.kind == "webhooks":
+        return await _drain(runtime, msg)
+    return await _reconcile(runtime, msg)
+
+
+async def _drain(runtime: Runtime, msg: SyncMessage) -> BatchResult:
+    """A closed webhook window (`shared.coalesce`): its first SYNC_BATCH_SIZE ids synced here, the rest sent as sync
+    messages, then its rows forgotten. Redelivered, it does it again: the rows stay until it succeeds."""
+    window = msg.ids[0]
+    await coalesce.settle(window, runtime.settings.webhook_coalesce_s or 1.0)
+    ids = await coalesce.pending(runtime, window)
+    if not ids:
+        return BatchResult(msg.entity)
+    first, *rest = coalesce.drain_plan(msg, ids, runtime.settings.batch_size)
+    result = await _sync(runtime, first)
+    if result.failed:
+        return result
+    for part in rest:
+        await runtime.queue.send_message(part.body())
+    await coalesce.forget(runtime, window, ids)
+    log.info("webhook window %s: %d changed %s, %d message(s)", window, len(ids), msg.entity, 1 + len(rest))
+    return result
 
 
 def _emit_records(runtime: Runtime, entity: str, counts: Mapping[str, int]) -> None:

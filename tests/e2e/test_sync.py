@@ -447,6 +447,38 @@ async def test_webhooks_are_verified_and_a_valid_event_reaches_the_crm_at_once(q
     print(f"webhook change in the CRM after {latency:.2f} s")  # measured, not asserted (see bench/)
 
 
+def billing_calls(p: Platform) -> int:
+    """Requests the app made to billing so far (the simulator's log; its admin routes left out)."""
+    stats = p.billing.simulator.stats.requests
+    return sum(sum(codes.values()) for route, codes in stats.items() if "/admin" not in route)
+
+
+async def test_a_burst_of_webhook_events_costs_a_billing_fetch_per_window_not_per_event(quiet: Platform) -> None:
+    """Forty invoices changed at once, each announced by a signed event: coalesced into windows of 2 s, they cost a
+    handful of bulk fetches (before: forty messages, forty fetches), and every change reaches the CRM."""
+    p = quiet
+    await p.sync_until_complete(timeout_s=120, settle=True)
+    ids = p.billing.store.all_ids("invoices")[:40]
+    before = billing_calls(p)
+    sent = p.billing.simulator.stats.webhooks_sent
+    async with httpx.AsyncClient(base_url=p.billing.url) as http:
+        mutate = {"Authorization": f"Bearer {p.settings['BILLING_API_KEY']}"}
+        await http.post("/admin/mutate", json={"entity": "invoices", "ids": ids}, headers=mutate)
+    versions = p.billing.store.versions("invoices")
+    numbers = {str(r["number"]): versions[str(r["id"])] for r in p.billing.store.get_many("invoices", ids)}
+
+    async def converged() -> bool:
+        rows = [crm_row(p, "invoice", {"invoicenumber": n}) for n in numbers]
+        return all(r is not None and r["bcs_sourceversion"] == numbers[r["invoicenumber"]] for r in rows)
+
+    await eventually(converged, within=60, what="the forty changes in the CRM")
+    await p.wait_idle(timeout_s=60)
+    assert p.billing.simulator.stats.webhooks_sent - sent == 40
+    calls = billing_calls(p) - before
+    print(f"40 webhook events cost {calls} billing requests")
+    assert calls <= 8  # a bulk fetch per window (and a retry or two), not one per event
+
+
 async def test_health_needs_a_key_and_reports_runs_lag_dlq_and_breakers(quiet: Platform) -> None:
     p = quiet
     await p.sync_until_complete(timeout_s=120)
