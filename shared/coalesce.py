@@ -4,9 +4,9 @@ become one sync of up to `SYNC_BATCH_SIZE` ids, so a burst of events costs a bil
 - An accepted event writes one row to `webhookpending` (PartitionKey `<entity>-<window number>`, RowKey the record
   id): an id changed twice inside a window is one row.
 - The first event of a window claims it (a row in partition `window`, created once whichever instance tries) and
-  sends one `webhooks` message (`kind: webhooks`, its one id the window's key), invisible until the window has
-  closed; the drain reads half a second after that at the earliest. Each instance remembers the windows it saw
-  claimed, so a burst costs one claim per instance and window, not one per event.
+  sends one `webhooks` message (`kind: webhooks`, its one id the window's key), invisible until the last whole
+  second before the window closes; the drain waits until half a second after the close, then reads. Each instance
+  remembers the windows it saw claimed, so a burst costs one claim per instance and window, not one per event.
 - The worker's drain of that message reads the window's rows, syncs the first `SYNC_BATCH_SIZE` ids itself, sends
   the rest as ordinary sync messages and deletes the rows it read.
 - An event less than half a second before its window closes goes into the next window, so every row is written
@@ -92,7 +92,8 @@ async def _claim(
         _remember(key, closes, now)
         return
     drain = messages.build(entity, [window], run_id=run_id_of(window), source="webhook", kind="webhooks")
-    delay = max(1, math.ceil(closes - now))  # whole seconds: the queue's unit; `settle` waits out the rest
+    delay = max(0, math.floor(closes - now))  # whole seconds (the queue's unit), never past the close: `settle`
+    # waits out the rest, so the drain runs the grace after the close, not up to a second later
     await runtime.queue.send_message(drain.body(), visibility_timeout=delay)
     _remember(key, closes, now)
 
