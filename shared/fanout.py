@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -78,9 +79,7 @@ async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[Fa
                 failures.append(f"{entity}: {type(exc).__name__}: {exc}")
     finally:
         await health.observe(runtime)  # the gauges the alerts read: DLQ depth, breaker states, lag
-        await _forget_webhook_events(runtime)
-        await _forget_webhook_windows(runtime)
-        await _write_reports(runtime)
+        await _housekeeping(runtime)
     if failures:
         raise FanoutFailed("fan-out failed for " + "; ".join(failures))
     return results
@@ -89,31 +88,23 @@ async def fan_out(runtime: Runtime, *, budget_s: float | None = None) -> list[Fa
 BAD_ID_REASON = "billing listed an id the sync cannot carry: 1 to 100 characters, no control characters"
 
 
-async def _forget_webhook_events(runtime: Runtime) -> None:
-    """The replay cache's housekeeping (`shared.webhook`): events older than twice the tolerance cannot verify."""
-    try:
-        await state.forget_events(runtime.tables, older_than_s=2 * runtime.settings.webhook_tolerance_s + 60)
-    except Exception as exc:  # noqa: BLE001 - housekeeping: the next tick tries again
-        log.warning("fan-out: old webhook events not forgotten (%s: %s); the next tick tries again",
-                    type(exc).__name__, exc)  # fmt: skip
-
-
-async def _forget_webhook_windows(runtime: Runtime) -> None:
-    """Webhook windows left undrained for an hour (`shared.coalesce`): their drain is in the DLQ."""
-    try:
-        await coalesce.purge(runtime)
-    except Exception as exc:  # noqa: BLE001 - housekeeping: the next tick tries again
-        log.warning("fan-out: old webhook windows not forgotten (%s: %s); the next tick tries again",
-                    type(exc).__name__, exc)  # fmt: skip
-
-
-async def _write_reports(runtime: Runtime) -> None:
-    """Reconcile runs whose batches have all ended get their totals and CSV report (`shared.reconcile.report`)."""
-    try:
-        await report.write_pending(runtime)
-    except Exception as exc:  # noqa: BLE001 - housekeeping: the next tick tries again
-        log.warning("fan-out: reconcile reports not written (%s: %s); the next tick tries again",
-                    type(exc).__name__, exc)  # fmt: skip
+async def _housekeeping(runtime: Runtime) -> None:
+    """After the gauges, each tick's housekeeping, step by step: one failing does not stop the others, and the next
+    tick tries it again. The replay cache forgets events older than twice the tolerance (they cannot verify any
+    more, `shared.webhook`); webhook windows left undrained for an hour are forgotten (their drain is in the DLQ,
+    `shared.coalesce`); reconcile runs whose batches have all ended get their totals and report
+    (`shared.reconcile.report`)."""
+    steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("old webhook events not forgotten",
+         lambda: state.forget_events(runtime.tables, older_than_s=2 * runtime.settings.webhook_tolerance_s + 60)),
+        ("old webhook windows not forgotten", lambda: coalesce.purge(runtime)),
+        ("reconcile reports not written", lambda: report.write_pending(runtime)),
+    ]  # fmt: skip
+    for failed, step in steps:
+        try:
+            await step()
+        except Exception as exc:  # noqa: BLE001 - housekeeping: the next tick tries again
+            log.warning("fan-out: %s (%s: %s); the next tick tries again", failed, type(exc).__name__, exc)
 
 
 async def _start(runtime: Runtime, cp: Checkpoint) -> Checkpoint:
