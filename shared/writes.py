@@ -105,43 +105,40 @@ async def _delete_known_removed(
     dataverse: DataverseClient, invoices: list[Planned], known: Mapping[str, tuple[str, ...]]
 ) -> list[dict[str, Any]]:
     """Delete, by key, the lines an invoice was last written with that billing no longer has: no read."""
-    key_column = LINE_MAP.key.column
-    failed: list[dict[str, Any]] = []
-    for plan in invoices:
-        for line_id in sorted(set(known[plan.record_id]) - set(plan.lines or ())):
-            try:
-                await dataverse.delete(INVOICE_LINES, {key_column: line_id})
-            except TransientError as exc:
-                failed.append(exc.to_dict())
-                continue
-            log.info("line %s removed at the source: deleted from the CRM", line_id)
-    return failed
+    removed = [line for plan in invoices for line in sorted(set(known[plan.record_id]) - set(plan.lines or ()))]
+    return await _delete_lines(dataverse, removed)
 
 
 async def _delete_removed_lines(
     dataverse: DataverseClient, invoices: list[Planned], record_ids: dict[str, str]
 ) -> list[dict[str, Any]]:
+    """Read the CRM lines of `invoices` (25 invoices a query) and delete those billing does not have."""
     key_column = LINE_MAP.key.column
     keep = {str(row.key[key_column]) for plan in invoices for row in plan.rows[1:]}
     guids = [record_ids[p.record_id] for p in invoices if _is_guid(record_ids[p.record_id])]
+    removed: list[str] = []
     failed: list[dict[str, Any]] = []
     for part in chunked(guids, LINE_QUERY_CHUNK):
         query = " or ".join(f"_invoiceid_value eq {literal(uuid.UUID(g))}" for g in part)
         try:
-            await _delete_lines_not_kept(dataverse, query, keep)
+            async for page in dataverse.read_pages(INVOICE_LINES, select=[key_column], filter=query):
+                removed += [str(line[key_column]) for line in page if line.get(key_column)
+                            and str(line[key_column]) not in keep]  # fmt: skip
         except TransientError as exc:
             failed.append(exc.to_dict())
-    return failed
+    return failed + await _delete_lines(dataverse, removed)
 
 
-async def _delete_lines_not_kept(dataverse: DataverseClient, query: str, keep: set[str]) -> None:
+async def _delete_lines(dataverse: DataverseClient, line_ids: list[str]) -> list[dict[str, Any]]:
+    """Delete lines by key, many to a `$batch` request; the errors of those not deleted (the delivery is retried)."""
+    if not line_ids:
+        return []
     key_column = LINE_MAP.key.column
-    async for page in dataverse.read_pages(INVOICE_LINES, select=[key_column], filter=query):
-        for line in page:
-            line_id = line.get(key_column)
-            if line_id and str(line_id) not in keep:
-                await dataverse.delete(INVOICE_LINES, {key_column: line_id})
-                log.info("line %s removed at the source: deleted from the CRM", line_id)
+    outcomes = await dataverse.delete_many(INVOICE_LINES, [{key_column: line_id} for line_id in line_ids])
+    for outcome in outcomes:
+        if outcome.status == "written":
+            log.info("line %s removed at the source: deleted from the CRM", outcome.row.key[key_column])
+    return [o.error or {"message": "line not deleted"} for o in outcomes if o.status != "written"]
 
 
 def _is_guid(value: str) -> bool:

@@ -39,6 +39,7 @@ from shared.http import PooledClient, classify, error_detail, transport_error
 from shared.odata import literal, record_path
 
 log = logs.get_logger("shared.dataverse")
+BATCH_LIMIT = 1000  # operations in one $batch request (Dataverse's documented maximum)
 SYSTEM = "dataverse"
 # A `$filter` of `or`-joined keys, percent-encoded, stays far below the 32,768 characters Dataverse takes in a URL,
 # and holds at most MAX_FILTER_TERMS conditions.
@@ -568,19 +569,20 @@ class DataverseClient(PooledClient):
         ids = response.json().get("Ids") or [None] * len(rows)
         return [RowOutcome(r, "written", record_id=i) for r, i in zip(rows, ids, strict=False)]
 
-    async def _write_batch(self, table: TableRef, rows: list[UpsertRow]) -> list[RowOutcome]:
-        """Upserts as PATCH requests in one `$batch` (continue on error): each row gets its own answer. Rows answered
-        429 or 5xx make the answer partial: the call policy sends those again in a new `$batch`."""
+    async def _write_batch(self, table: TableRef, rows: list[UpsertRow], method: str = "PATCH") -> list[RowOutcome]:
+        """Upserts as PATCH requests (or deletes, DELETE) in one `$batch` (continue on error): each row gets its own
+        answer. Rows answered 429 or 5xx make the answer partial: the call policy sends those again in a new
+        `$batch`."""
         pending: list[UpsertRow] = list(rows)
         done: list[RowOutcome] = []
 
         async def once() -> list[UpsertRow]:
             nonlocal pending
-            body, headers = _batch_request(table, pending)
+            body, headers = _batch_request(table, pending, method)
             response = await self._send_once(
                 "POST", "$batch", operation=f"$batch {table.entity_set}", content=body, headers=headers
             )
-            settled, pending = _batch_outcomes(pending, parse_batch_response(response))
+            settled, pending = _batch_outcomes(pending, parse_batch_response(response), gone_is_done=method == "DELETE")
             done.extend(settled)
             return pending
 
@@ -592,6 +594,16 @@ class DataverseClient(PooledClient):
             return done + [RowOutcome(r, "failed", error=exc.to_dict()) for r in pending]
         unanswered = {"message": f"no answer in $batch after {self.config.retry.attempts} attempts"}
         return done + [RowOutcome(r, "failed", error=unanswered) for r in left]
+
+    async def delete_many(self, table: TableRef, keys: Sequence[Mapping[str, Any]]) -> list[RowOutcome]:
+        """Delete records by key, DELETE requests in `$batch`es of up to `chunk_size`: one request for many records,
+        never one each. Each outcome's status is `written` when the record is deleted (or was gone already),
+        `rejected` or `failed` otherwise, as for upserts."""
+        rows = [UpsertRow(dict(key), {}) for key in keys]
+        outcomes: list[RowOutcome] = []
+        for part in chunked(rows, max(1, min(self.config.chunk_size, BATCH_LIMIT))):
+            outcomes += await self._write_batch(table, list(part), method="DELETE")
+        return outcomes
 
     async def delete(self, table: TableRef, key: Mapping[str, Any]) -> bool:
         """Delete one record by key; False when it was not there."""
@@ -676,12 +688,16 @@ def filter_chunks(
     return out
 
 
-def _batch_request(table: TableRef, rows: Sequence[UpsertRow]) -> tuple[bytes, dict[str, str]]:
+def _batch_request(table: TableRef, rows: Sequence[UpsertRow], method: str = "PATCH") -> tuple[bytes, dict[str, str]]:
     boundary = f"batch_{uuid.uuid4()}"
     parts = [
         f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-        f"Content-ID: {i + 1}\r\n\r\nPATCH {record_path(table.entity_set, row.key)} HTTP/1.1\r\n"
-        f"Content-Type: application/json\r\n\r\n{jsontext.dumps({**row.values, **row.key})}\r\n"
+        f"Content-ID: {i + 1}\r\n\r\n{method} {record_path(table.entity_set, row.key)} HTTP/1.1\r\n"
+        + (
+            f"Content-Type: application/json\r\n\r\n{jsontext.dumps({**row.values, **row.key})}\r\n"
+            if method == "PATCH"
+            else "\r\n\r\n"
+        )
         for i, row in enumerate(rows)
     ]
     body = "".join(parts) + f"--{boundary}--\r\n"
@@ -689,14 +705,14 @@ def _batch_request(table: TableRef, rows: Sequence[UpsertRow]) -> tuple[bytes, d
 
 
 def _batch_outcomes(
-    rows: Sequence[UpsertRow], answers: Sequence[tuple[int, dict[str, str], bytes]]
+    rows: Sequence[UpsertRow], answers: Sequence[tuple[int, dict[str, str], bytes]], *, gone_is_done: bool = False
 ) -> tuple[list[RowOutcome], list[UpsertRow]]:
     """Each row's answer: written or rejected (settled), or to send again (429, 5xx, no answer at all)."""
     settled: list[RowOutcome] = []
     again: list[UpsertRow] = []
     for index, row in enumerate(rows):
         status, part_headers, part_body = answers[index] if index < len(answers) else (503, {}, b"")
-        if 200 <= status < 300:
+        if 200 <= status < 300 or (gone_is_done and status == 404):
             entity = part_headers.get("odata-entityid", "")
             record_id = entity[entity.rfind("(") + 1 : -1] if entity.endswith(")") else None
             settled.append(RowOutcome(row, "written", record_id=record_id))

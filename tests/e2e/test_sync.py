@@ -138,6 +138,16 @@ def line_reads(p: Platform) -> int:
     )
 
 
+def per_record_requests(p: Platform) -> dict[str, int]:
+    """Requests that name one record in their URL (`accounts(key)`, `/v1/invoices/{id}`), by route: the hot path
+    sends none (bulk fetches, UpsertMultiple, $batch, reads by filter)."""
+    dataverse = p.dataverse.simulator.stats.requests
+    billing = p.billing.simulator.stats.requests
+    found = {route: sum(c.values()) for route, c in dataverse.items() if "(key)" in route}
+    found |= {route: sum(c.values()) for route, c in billing.items() if "{id}" in route}
+    return found
+
+
 class LineRemoval(random.Random):
     """The billing simulator's users, removing one line of an invoice and changing nothing else."""
 
@@ -166,6 +176,7 @@ async def test_an_invoice_written_before_loses_a_removed_line_without_a_read_of_
     reads = line_reads(p)
     await p.sync_until_complete(timeout_s=120, settle=True)
     assert line_reads(p) == reads
+    assert per_record_requests(p) == {}  # the removed lines went as one $batch, as did everything else
     in_crm = {str(r["bcs_billinglineid"]) for r in p.dataverse.store.query(TABLES["invoicedetail"])}
     assert not removed & in_crm
     assert set().union(*after.values()) <= in_crm

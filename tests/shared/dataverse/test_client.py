@@ -99,6 +99,20 @@ async def test_a_chunk_of_1000_with_3_bad_rows_writes_997_and_isolates_3_cheaply
     assert all(o.record_id for o in written)
 
 
+async def test_records_are_deleted_many_to_a_batch_and_one_already_gone_counts_as_deleted(dv: RunningDataverse) -> None:
+    rows = [account(f"DEL-{i:03d}") for i in range(250)]
+    async with make_client(dv, chunk_size=100) as client:
+        await client.upsert_many(ACCOUNTS, rows)
+        before = sum(client.policy.stats.requests.values())
+        keys = [{"accountnumber": f"DEL-{i:03d}"} for i in range(250)] + [{"accountnumber": "DEL-never-there"}]
+        outcomes = await client.delete_many(ACCOUNTS, keys)
+        requests = sum(client.policy.stats.requests.values()) - before
+        left = [await client.get(ACCOUNTS, {"accountnumber": f"DEL-{i:03d}"}) for i in (0, 249)]
+    assert [o.status for o in outcomes] == ["written"] * 251  # deleted (the last was gone already)
+    assert requests == 3  # 251 keys, 100 to a $batch
+    assert left == [None, None]
+
+
 async def test_duplicates_inside_a_request_keep_the_newest_source_version(dv: RunningDataverse) -> None:
     rows = [account("D-1", 3, telephone1="v3"), account("D-1", 5, telephone1="v5"), account("D-1", 4, telephone1="v4")]
     async with make_client(dv) as client:
