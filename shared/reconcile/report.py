@@ -182,7 +182,7 @@ def median_hours(rows: Iterable[dict[str, Any]]) -> float | None:
         h
         for r in rows
         if r.get("resolved_at")
-        if (h := _hours(str(r["first_seen"]), str(r["resolved_at"]))) is not None
+        if (h := _hours(str(r.get("first_seen") or ""), str(r["resolved_at"]))) is not None
     ]
     return round(statistics.median(hours), 3) if hours else None
 

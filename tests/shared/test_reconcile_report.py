@@ -174,3 +174,9 @@ def test_the_page_escapes_what_it_shows_and_says_when_there_is_no_run_yet() -> N
     assert "<script>" not in html
     assert html.count("&lt;script&gt;") >= 4  # run id, column, DLQ reason, report name
     assert "code=k%27ey" in html  # the function key carried on in the links, URL-encoded
+
+
+def test_the_median_time_to_resolution_passes_over_rows_it_cannot_read() -> None:
+    rows = [{"resolved_at": "2026-11-02T02:00:00Z"}, {"first_seen": "bad", "resolved_at": "2026-11-02T02:00:00Z"},
+            {"first_seen": "2026-11-02T00:00:00Z", "resolved_at": "2026-11-02T03:00:00Z"}]  # fmt: skip
+    assert report.median_hours(rows) == 3.0
