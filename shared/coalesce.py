@@ -23,17 +23,15 @@ claim, a queue message, a query and the deletes. `WEBHOOK_COALESCE_SECONDS=0` se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Final
 
-from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableTransactionError, UpdateMode
+from azure.core.exceptions import ResourceExistsError
+from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
-from more_itertools import chunked
 
 from shared import clock, logs, messages, state
 from shared.messages import Entity, SyncMessage
@@ -123,19 +121,7 @@ async def pending(runtime: Runtime, window: str) -> list[str]:
 async def forget(runtime: Runtime, window: str, record_ids: Sequence[str]) -> None:
     """Delete a drained window's rows (100 a transaction)."""
     table = await runtime.tables.table(TABLE)
-    await _delete(table, window, [state.row_key(i) for i in record_ids])
-
-
-async def _delete(table: TableClient, partition: str, keys: Sequence[str]) -> None:
-    """Delete rows, 100 a transaction; a transaction holding a row gone already (a drain delivered twice) is done
-    again one row at a time."""
-    for part in chunked(keys, state.MAX_TRANSACTION):
-        try:
-            await table.submit_transaction([("delete", {"PartitionKey": partition, "RowKey": k}) for k in part])
-        except (TableTransactionError, HttpResponseError):
-            for key in part:
-                with contextlib.suppress(ResourceNotFoundError):
-                    await table.delete_entity(partition, key)
+    await state.delete_rows(table, window, [state.row_key(i) for i in record_ids])
 
 
 def drain_plan(msg: SyncMessage, ids: Sequence[str], batch_size: int) -> list[SyncMessage]:
@@ -151,5 +137,5 @@ async def purge(runtime: Runtime, *, older_than_s: float = KEEP_S) -> int:
     async for row in table.query_entities(f"at lt {literal(cutoff)}", select=["PartitionKey", "RowKey"]):
         by_partition.setdefault(str(row["PartitionKey"]), []).append(str(row["RowKey"]))
     for partition, keys in by_partition.items():
-        await _delete(table, partition, keys)
+        await state.delete_rows(table, partition, keys)
     return sum(len(k) for k in by_partition.values())

@@ -417,6 +417,17 @@ async def forget_events(tables: StateTables, *, older_than_s: float) -> int:
     cutoff = iso(utcnow() - timedelta(seconds=older_than_s))
     stale = table.query_entities(f"PartitionKey eq 'event' and seen_at lt {literal(cutoff)}", select=["RowKey"])
     keys = [str(row["RowKey"]) async for row in stale]
-    for part in chunked(keys, MAX_TRANSACTION):
-        await table.submit_transaction([("delete", {"PartitionKey": "event", "RowKey": k}) for k in part])
+    await delete_rows(table, "event", keys)
     return len(keys)
+
+
+async def delete_rows(table: TableClient, partition: str, keys: Sequence[str]) -> None:
+    """Delete rows of one partition, 100 a transaction; a transaction holding a row gone already (deleted by
+    another worker, or by an earlier delivery of the same message) is done again one row at a time."""
+    for part in chunked(keys, MAX_TRANSACTION):
+        try:
+            await table.submit_transaction([("delete", {"PartitionKey": partition, "RowKey": k}) for k in part])
+        except (TableTransactionError, HttpResponseError):
+            for key in part:
+                with contextlib.suppress(ResourceNotFoundError):
+                    await table.delete_entity(partition, key)
