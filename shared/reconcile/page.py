@@ -1,11 +1,11 @@
 """`GET /api/report` (function key): one HTML page on whether billing and the CRM agree, for operations and finance.
 
 Server-rendered, no script, no build step, no outside request: the drift chart is inline SVG. It shows the run
-`GET /api/reconcile/latest` shows (the same summary, `start.summary`), the drift score over the last 30 runs, counts
-by category, the columns that differ most, the DLQ's open rows by reason, the median time to resolution and links to
-the CSV reports (`GET /api/report/csv?name=`). Every value put into the page is escaped; the page forbids scripts and
-outside resources (Content-Security-Policy) and sends no referrer. Numbers carry `data-*` attributes naming what
-they are, so a test (and a scraper) can read them back.
+`GET /api/reconcile/latest` shows (the newest run's `start.summary_of`, read once with the other 29), the drift score
+over the last 30 runs, counts by category, the columns that differ most, the DLQ's open rows by reason, the median
+time to resolution and links to the CSV reports (`GET /api/report/csv?name=`). Every value put into the page is
+escaped; the page forbids scripts and outside resources (Content-Security-Policy) and sends no referrer. Numbers
+carry `data-*` attributes naming what they are, so a test (and a scraper) can read them back.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class CsvQuery(BaseModel):
 
 @inputs.guarded
 async def page(runtime: Runtime, req: func.HttpRequest) -> func.HttpResponse:
-    latest = await start.summary(runtime)
     history = await _history(runtime)
+    latest = history[0] if history else None  # the newest run: what `GET /api/reconcile/latest` shows
     waiting = await dlq.open_by_reason(runtime.tables)
     monthly = await report.listing(runtime)
     key = req.params.get("code")
